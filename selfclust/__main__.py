@@ -1,0 +1,5 @@
+import sys
+
+from selfclust.cli import main
+
+sys.exit(main())

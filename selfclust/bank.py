@@ -1,0 +1,63 @@
+"""The label bank: one pseudo-label per (head, global sample index)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LabelBank:
+    """Pseudo-labels ``[T, N]`` keyed by the global sample index ``idx``, never by position.
+
+    Every rank holds the whole bank (N × T small integers, int64 since cross-entropy wants it),
+    so a rank can look up the labels of whatever samples its shard stream gives it and the
+    worker count may change on resume.
+    """
+
+    def __init__(self, heads: int, num_samples: int, clusters: int) -> None:
+        if num_samples < 1 or heads < 1:
+            raise ValueError(f"bank needs heads >= 1 and samples >= 1, got {heads}, {num_samples}")
+        self.clusters = clusters
+        self.labels = torch.zeros(heads, num_samples, dtype=torch.int64)
+        self.version = 0  # number of times the whole bank was (re)assigned
+
+    @property
+    def heads(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.labels.shape[1]
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B] → labels [T, B] (on idx's device)."""
+        return self.labels[:, idx.cpu()].to(idx.device, non_blocking=True)
+
+    def assign(self, new: torch.Tensor) -> float:
+        """Replace all labels with ``new`` [T, N]; return the fraction that changed."""
+        if new.shape != self.labels.shape:
+            raise ValueError(f"bank shape {tuple(self.labels.shape)}, got {tuple(new.shape)}")
+        if new.min() < 0 or new.max() >= self.clusters:
+            raise ValueError(f"labels must lie in 0..{self.clusters - 1}")
+        changed = (new.cpu() != self.labels).float().mean().item()
+        self.labels = new.to(torch.int64).cpu().clone()
+        self.version += 1
+        return changed
+
+    def cluster_sizes(self) -> torch.Tensor:
+        """[T, K] number of samples per cluster per head."""
+        sizes = torch.zeros(self.heads, self.clusters, dtype=torch.int64)
+        return sizes.scatter_add_(1, self.labels, torch.ones_like(self.labels))
+
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        return {"labels": self.labels.clone(), "clusters": self.clusters, "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        labels = state["labels"]
+        if labels.shape != self.labels.shape or int(state["clusters"]) != self.clusters:
+            raise ValueError(
+                f"checkpoint bank is {tuple(labels.shape)} with K={state['clusters']}, this run "
+                f"needs {tuple(self.labels.shape)} with K={self.clusters}: the dataset or "
+                "method.heads/method.clusters differ from the checkpoint's"
+            )
+        self.labels = labels.clone()
+        self.version = int(state["version"])

@@ -1,0 +1,247 @@
+"""Typed, validated run configuration.
+
+One pydantic model per component, composed into :class:`RunConfig`. YAML files only override
+the defaults; ``key=value`` command-line overrides are applied on top (``optim.lr=0.1``).
+Unknown keys and bad values raise :class:`ConfigError` naming the key and what is allowed.
+The resolved config is stored in every checkpoint and sent to W&B.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: str = Field(
+        "mnist_test", description="shard dir (from `selfclust shard`) or built-in name"
+    )
+    eval: str | None = Field(
+        None, description="shards for evaluation; default: the training shards"
+    )
+    image_size: int | None = Field(None, gt=0, description="resize images to this square size")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(2000, ge=0)
+
+
+class ModelConfig(_Section):
+    arch: Literal["resnet18", "resnet50", "small_resnet"] = "resnet18"
+    # small_resnet only: channels of its three stages (BasicBlocks from torchvision).
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    blocks: int = Field(1, ge=1, description="small_resnet: BasicBlocks per stage")
+    # 3x3 stride-1 stem without max-pool, for 16-32 px inputs (CIFAR-style).
+    small_stem: bool = True
+
+
+class MethodConfig(_Section):
+    name: Literal["sela"] = "sela"
+    heads: int = Field(10, ge=1, description="T clustering heads (SeLa: 10)")
+    clusters: int = Field(3000, ge=2, description="K clusters per head (SeLa ImageNet: 3000)")
+    lam: float = Field(25.0, gt=0, le=100, description="Sinkhorn λ (SeLa: 25)")
+    sinkhorn_tol: float = Field(1e-3, gt=0)
+    sinkhorn_max_iters: int = Field(1000, ge=1)
+    relabels: int = Field(80, ge=1, description="label updates over the run (SeLa: 80)")
+    relabel_power: float = Field(2.0, gt=0, description="spacing of updates; 2 = SeLa's quadratic")
+    relabel_start: float = Field(
+        0.0, ge=0, lt=1, description="fraction of training before the first update"
+    )
+    init: Literal["kmeans", "random"] = "kmeans"
+    kmeans_samples: int = Field(
+        100_000, ge=1, description="features sampled (over all ranks) for k-means"
+    )
+    # Label pass on the clean image averaged with this many augmented views (0: clean only).
+    label_views: int = Field(0, ge=0)
+
+
+class AugmentConfig(_Section):
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    rotation: float = Field(0.0, ge=0, le=180, description="max rotation in degrees")
+    hflip: float = Field(0.5, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.4, ge=0)
+    grayscale: float = Field(0.2, ge=0, le=1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError("crop_ratio must satisfy 0 < low <= high")
+        return self
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(400, ge=1)
+    batch_size: int = Field(256, ge=1, description="global batch, split evenly over workers")
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-5, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    # step schedule: multiply by `gamma` at these fractions of training (SeLa: 160/300/380 of 400).
+    milestones: list[float] = Field(default_factory=lambda: [0.4, 0.75, 0.95])
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class TrainerConfig(_Section):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = in-process local mode")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+    log_every: int = Field(20, ge=1, description="steps between metrics.jsonl lines")
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: epochs only)")
+    keep_last: int = Field(2, ge=1)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="join this cluster ('auto'); default: local")
+    storage_path: str | None = Field(None, description="Ray storage; default RUN_DIR/ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster")
+
+
+class WandbConfig(_Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "selfclust"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        workers = max(1, self.trainer.num_workers)
+        if self.optim.batch_size % workers:
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} is not divisible by "
+                f"trainer.num_workers={workers}; the global batch is split evenly over workers"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self, keys: tuple[str, ...] = ("data", "model", "method")) -> str:
+        """Hash of the sections that define what a checkpoint *is* (not how it is run)."""
+        sub = {k: self.to_dict()[k] for k in keys}
+        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            section: type[BaseModel] = RunConfig
+            for part in e["loc"][:-1]:
+                ann = section.model_fields[str(part)].annotation
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    section = ann
+            allowed = ", ".join(section.model_fields)
+            lines.append(f"{key}: unknown key (allowed here: {allowed})")
+        else:
+            given = e.get("input")
+            lines.append(f"{key}: {e['msg']} (got {given!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "model.widths=[16,32]"]`` → nested dict; values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (None: defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (configs live in configs/*.yaml)")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded)}")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return build_config(tree)
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: {va!r} -> {vb!r}")
+    return out

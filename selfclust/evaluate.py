@@ -1,0 +1,84 @@
+"""Scoring a model's clusters against ground truth, in training and from ``selfclust evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfclust import collectives as C
+from selfclust.checkpoint import read_state
+from selfclust.config import RunConfig
+from selfclust.data import ShardSet, eval_batches
+from selfclust.labelling import embed, predictions
+from selfclust.metrics import clustering_scores, size_stats
+from selfclust.model import SelfLabelNet
+
+
+def score_model(
+    model: SelfLabelNet,
+    shards: ShardSet,
+    *,
+    device: torch.device,
+    image_size: int | None,
+    batch_size: int,
+    loader_workers: int = 0,
+) -> dict[str, Any]:
+    """Network predictions (argmax per head) on every sample, scored per head on all ranks.
+
+    Collective: every rank embeds its own shards; only ``[n_r, 2 + T]`` integers (idx, class,
+    one prediction per head) are all-gathered.
+    """
+    batches = eval_batches(
+        shards, C.rank(), C.world_size(), batch_size, loader_workers, image_size=image_size
+    )
+    emb = embed(model.backbone, batches, device, image_size, shards.num_samples)
+    pred = predictions(model.heads, emb)  # [T, n_r]
+    rows = C.all_gather_cat(torch.cat([emb.idx[:, None], emb.cls[:, None], pred.t()], 1))
+    rows = rows[torch.argsort(rows[:, 0])]
+    y, preds = rows[:, 1].numpy(), rows[:, 2:].t().numpy()
+    labelled = bool((y >= 0).all())
+    clusters = model.heads[0].out_features
+    heads: list[dict[str, Any]] = []
+    for t, p in enumerate(preds):
+        entry: dict[str, Any] = {"head": t, **size_stats(p, clusters)}
+        if labelled:
+            entry.update(clustering_scores(y, p))
+        heads.append(entry)
+    return {"heads": heads, "num_samples": int(len(y)), "has_labels": labelled}
+
+
+def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512) -> dict[str, Any]:
+    """Load a run dir's final checkpoint (or a checkpoint dir) and score every head."""
+    from selfclust.launcher import latest_checkpoint
+
+    target = Path(target)
+    if not target.exists():
+        raise FileNotFoundError(f"{target} does not exist: give a run dir or a checkpoint dir")
+    ckpt = target if (target / "state.pt").is_file() else latest_checkpoint(target)
+    state = read_state(ckpt)
+    cfg = RunConfig.model_validate(state["config"])
+    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train)
+    m = cfg.method
+    model = SelfLabelNet(cfg.model, shards.channels, m.heads, m.clusters)
+    model.load_state_dict(state["model"], strict=True)
+    result = score_model(
+        model,
+        shards,
+        device=torch.device("cpu"),
+        image_size=cfg.data.image_size,
+        batch_size=batch_size,
+    )
+    best = int(torch.argmin(state["extra"]["head_loss"]).item())
+    result.update(
+        checkpoint=str(ckpt.resolve()),
+        data=str(shards.root),
+        best_head=best,
+        best_head_rule="lowest running training loss (no ground truth used)",
+    )
+    for key in ("acc", "nmi", "ari"):
+        result[key] = result["heads"][best].get(key)
+    run_dir = target if not (target / "state.pt").is_file() else ckpt
+    result["default_out"] = run_dir / "evaluation.json"
+    return result

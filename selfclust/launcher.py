@@ -1,0 +1,202 @@
+"""The Ray edge: turn a config and a run dir into a Ray Train ``TorchTrainer`` run.
+
+Everything Ray-specific lives here: starting or joining the cluster, the worker entry point
+that maps Ray's context onto :class:`selfclust.train.WorkerContext`, and the persistent run
+identity (``run.json``) that makes rerunning the same command resume the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfclust.checkpoint import check_compatible
+from selfclust.config import RunConfig
+
+RUN_FILE = "run.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
+    """Load or create ``run.json``: the Ray run name and W&B id that persist across reruns.
+
+    A run dir that already belongs to a run with another config is refused, naming the keys.
+    """
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        info = json.loads(path.read_text())
+        check_compatible(info["config"], cfg, f"run dir {run_dir}")
+        info["config"] = cfg.to_dict()  # how-to-run keys (workers, logging) may change
+    else:
+        if run_dir.exists() and any(p.name != "shards" for p in run_dir.iterdir()):
+            raise FileExistsError(
+                f"run dir {run_dir} is not empty and holds no {RUN_FILE}: it is not a selfclust "
+                "run; choose an empty or new --run-dir"
+            )
+        token = uuid.uuid4().hex[:8]
+        info = {"name": f"selfclust-{token}", "wandb_id": f"sc{token}", "config": cfg.to_dict()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(info, indent=2))
+    _atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return info
+
+
+def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """A built-in dataset name becomes a shard dir under RUN_DIR/shards (written once)."""
+    from selfclust.shards import BUILTIN, write_shards
+
+    updates: dict[str, Any] = {}
+    for key in ("train", "eval"):
+        name = getattr(cfg.data, key)
+        if name in BUILTIN and not Path(name).exists():
+            out = run_dir / "shards" / name
+            if not (out / "manifest.json").is_file():
+                write_shards(name, out)
+            updates[key] = str(out.resolve())
+    if not updates:
+        return cfg
+    data = cfg.data.model_copy(update=updates)
+    return cfg.model_copy(update={"data": data})
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check what depends on the data before any worker starts, so errors read plainly."""
+    from selfclust.data import ShardSet, steps_per_epoch
+
+    shards = ShardSet.open(cfg.data.train)
+    if cfg.data.eval:
+        ShardSet.open(cfg.data.eval)
+    n, m = shards.num_samples, cfg.method
+    if m.clusters > n:
+        raise ValueError(
+            f"method.clusters={m.clusters} exceeds the {n} samples in {cfg.data.train}: "
+            "K clusters need at least K samples"
+        )
+    workers = max(1, cfg.trainer.num_workers)
+    steps_per_epoch(n, workers, cfg.optim.batch_size // workers)  # raises if N < batch
+
+
+def _worker_entry(payload: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from selfclust.train import WorkerContext, train_loop
+
+    cfg = RunConfig.model_validate(payload["config"])
+    tctx = ray.train.get_context()
+    restore_dir = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        local = Path(ckpt.path)
+        restore_dir = str(local) if local.is_dir() else ckpt.to_directory()
+
+    def report(metrics: dict[str, Any], path: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+    ctx = WorkerContext(
+        rank=tctx.get_world_rank(),
+        world_size=tctx.get_world_size(),
+        device=device,
+        report=report,
+        checkpoint_dir=restore_dir,
+        run_dir=Path(payload["run_dir"]),
+        wandb_id=payload["wandb_id"],
+    )
+    train_loop(cfg, ctx)
+
+
+def _init_ray(cfg: RunConfig) -> None:
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, include_dashboard=False)
+        return
+    need = max(1, cfg.trainer.num_workers) * cfg.trainer.cpus_per_worker
+    num_cpus = cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; return the summary written to summary.json."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_data(cfg, run_dir)
+    preflight(cfg)
+    info = run_identity(run_dir, cfg)
+    _init_ray(cfg)
+    storage = cfg.ray.storage_path or str(run_dir / "ray")
+    t = cfg.trainer
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": str(run_dir),
+            "wandb_id": info["wandb_id"],
+        },
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+        ),
+        run_config=RayRunConfig(
+            name=info["name"],
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None or "summary" not in (result.metrics or {}):
+        raise RuntimeError(f"training ended without a final checkpoint; see {storage}")
+    summary = dict(result.metrics["summary"])
+    summary["checkpoint"] = result.checkpoint.path
+    summary["run_name"] = info["name"]
+    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The final checkpoint recorded in summary.json, else the newest under RUN_DIR/ray."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        path = Path(json.loads(summary.read_text())["checkpoint"])
+        if (path / "state.pt").is_file():
+            return path
+    found = sorted(run_dir.glob("ray/*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"{run_dir} holds no checkpoint (no summary.json, no ray/*/checkpoint_*)"
+        )
+    return found[-1].parent
+
+
+def remove_run(run_dir: Path) -> None:  # used by tests and `--fresh`
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""Rank-0 metrics: ``metrics.jsonl`` in the run dir, Weights & Biases, and a progress line.
+
+W&B runs offline by default (``wandb/offline-run-*`` in the run dir, uploadable later with
+``wandb sync``); ``online`` needs ``WANDB_API_KEY`` in the environment, which is never read,
+logged or stored by selfclust itself. The run id is persistent (kept in ``run.json`` and the
+checkpoint) so a resumed run continues the same W&B run, with an explicit global ``step``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from selfclust.config import RunConfig
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricsLog:
+    """Appends one JSON object per line; every line carries ``step`` and ``epoch``."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, wandb_id: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            if cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+                raise RuntimeError(
+                    "wandb.mode=online needs WANDB_API_KEY in the environment "
+                    "(or use wandb.mode=offline and `wandb sync` later)"
+                )
+            self._wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                id=wandb_id,
+                resume="allow",
+                mode=cfg.wandb.mode,
+                dir=str(run_dir),
+                config=cfg.to_dict(),
+                tags=cfg.wandb.tags,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+            self._wandb.define_metric("step")
+            self._wandb.define_metric("*", step_metric="step")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if "step" not in record or "epoch" not in record:
+            raise ValueError("metrics records need 'step' and 'epoch'")
+        record = {k: _clean(v) for k, v in record.items()}
+        record.setdefault("time", time.time())
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if not isinstance(v, str)})
+
+    def log_images(self, step: int, images: dict[str, str]) -> None:
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"step": step, **{k: wandb.Image(p) for k, p in images.items()}})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.enabled and self._wandb is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float | str):
+                    self._wandb.summary[k] = v
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+class Progress:
+    """A one-line progress report with images/s and ETA, printed every ``log_every`` steps."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.total = total_steps
+        self.enabled = enabled
+        self._t0 = time.perf_counter()
+        self._s0 = start_step
+        self._last_t = self._t0
+        self._last_s = start_step
+
+    def rate(self, step: int, batch: int) -> float:
+        """Images/s since the previous call (global batch)."""
+        now = time.perf_counter()
+        r = (step - self._last_s) * batch / max(1e-9, now - self._last_t)
+        self._last_t, self._last_s = now, step
+        return r
+
+    def line(self, step: int, epoch: int, epochs: int, loss: float, ips: float) -> None:
+        if not self.enabled:
+            return
+        done = step - self._s0
+        spent = time.perf_counter() - self._t0
+        eta = spent / done * (self.total - step) if done else float("nan")
+        eta_s = tqdm.format_interval(eta) if math.isfinite(eta) else "?"
+        print(
+            f"[selfclust] step {step}/{self.total} epoch {epoch + 1}/{epochs} "
+            f"loss {loss:.4f} {ips:,.0f} img/s ETA {eta_s}",
+            flush=True,
+        )

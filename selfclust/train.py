@@ -1,0 +1,334 @@
+"""The worker loop: plain PyTorch, run once per rank.
+
+It knows nothing about Ray beyond :class:`WorkerContext` (rank, world size, device, a
+``report`` barrier that may carry a checkpoint, and the checkpoint to restore), so it runs the
+same under Ray Train, under ``torchrun``-style spawned gloo ranks in tests, or alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfclust import collectives as C
+from selfclust.augment import augment
+from selfclust.bank import LabelBank
+from selfclust.checkpoint import Position, check_compatible, make_state, read_state, write_state
+from selfclust.config import RunConfig
+from selfclust.data import ShardSet, eval_batches, steps_per_epoch, train_batches
+from selfclust.evaluate import score_model
+from selfclust.labelling import embed, gather_bank, kmeans_labels, random_bank, sinkhorn_labels
+from selfclust.metrics import clustering_scores
+from selfclust.model import SelfLabelNet, model_digest
+from selfclust.runlog import MetricsLog, Progress
+from selfclust.schedule import lr_at, relabel_steps
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    # report(metrics, checkpoint_dir or None): a barrier; every rank calls it equally often.
+    report: Callable[[dict[str, Any], str | None], None]
+    checkpoint_dir: str | None  # the checkpoint to restore, if any
+    run_dir: Path
+    wandb_id: str
+
+
+def resolve_shards(path: str) -> ShardSet:
+    return ShardSet.open(path)
+
+
+class Trainer:
+    """State and steps of one rank; ``run()`` trains to the end and returns the summary."""
+
+    def __init__(self, cfg: RunConfig, ctx: WorkerContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.shards = resolve_shards(cfg.data.train)
+        self.n = self.shards.num_samples
+        m = cfg.method
+        if m.clusters > self.n:
+            raise ValueError(
+                f"method.clusters={m.clusters} exceeds the {self.n} samples in {cfg.data.train}"
+            )
+        channels = self.shards.channels
+        self.size = cfg.data.image_size
+        self.model = SelfLabelNet(cfg.model, channels, m.heads, m.clusters).to(ctx.device)
+        self.ddp: nn.Module = self.model
+        if ctx.world_size > 1:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        o = cfg.optim
+        self.local_batch = o.batch_size // ctx.world_size
+        self.steps_per_epoch = steps_per_epoch(self.n, ctx.world_size, self.local_batch)
+        self.total_steps = o.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_at(s, self.total_steps, o) / o.lr
+        )
+        self.bank = LabelBank(m.heads, self.n, m.clusters)
+        self.pos = Position()
+        self.relabel_at = set(
+            relabel_steps(
+                self.total_steps,
+                m.relabels,
+                m.relabel_power,
+                int(m.relabel_start * self.total_steps),
+            )
+        )
+        self.log = MetricsLog(ctx.run_dir, cfg, ctx.wandb_id, enabled=ctx.rank == 0)
+        self.progress = Progress(self.total_steps, 0, enabled=ctx.rank == 0)
+        self.head_loss = torch.zeros(m.heads)  # running mean of each head's loss (for best head)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return make_state(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            bank_state=self.bank.state_dict(),
+            position=self.pos,
+            cfg=self.cfg,
+            wandb_id=self.ctx.wandb_id,
+            extra={"head_loss": self.head_loss.clone()},
+        )
+
+    def restore(self, checkpoint_dir: str) -> None:
+        state = read_state(checkpoint_dir)
+        check_compatible(state["config"], self.cfg, f"checkpoint {checkpoint_dir}")
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.bank.load_state_dict(state["bank"])
+        self.pos = Position(**state["position"])
+        self.head_loss = state["extra"]["head_loss"].clone()
+        if self.ctx.world_size * self.local_batch != self.cfg.optim.batch_size:
+            raise ValueError("global batch changed across resume")
+
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        """All ranks call this; rank 0 writes the state and Ray persists it."""
+        path = write_state(self.state()) if self.ctx.rank == 0 else None
+        try:
+            self.ctx.report({**metrics, **asdict(self.pos)}, path)
+        finally:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ labels
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics.
+
+        DDP keeps parameters identical but each rank's BN running stats follow its own
+        batches; the label pass, evaluation and the digest must all use one model.
+        """
+        for buf in self.model.buffers():
+            C.broadcast(buf, 0)
+
+    def _embed(self, shards: ShardSet) -> Any:
+        self._sync_buffers()
+        batches = eval_batches(
+            shards,
+            self.ctx.rank,
+            self.ctx.world_size,
+            max(self.local_batch, 256),
+            num_workers=self.cfg.data.loader_workers,
+            image_size=self.size,
+        )
+        return embed(self.model.backbone, batches, self.ctx.device, self.size, shards.num_samples)
+
+    def relabel(self, initial: bool = False) -> None:
+        m = self.cfg.method
+        if initial and m.init == "random":
+            self.bank.assign(random_bank(m.heads, self.n, m.clusters, self.cfg.seed))
+            return
+        emb = self._embed(self.shards)
+        record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
+        if initial:
+            local = kmeans_labels(emb, m.heads, m.clusters, m.kmeans_samples, self.cfg.seed, self.n)
+            record["event"] = "init_kmeans"
+        else:
+            local, st = sinkhorn_labels(
+                self.model.heads, emb, m.lam, m.sinkhorn_tol, m.sinkhorn_max_iters
+            )
+            record.update(
+                event="relabel",
+                sinkhorn_iters=max(st.iterations),
+                sinkhorn_error=max(st.errors),
+            )
+        new = gather_bank(local, emb.idx, self.n)
+        record["label_change"] = self.bank.assign(new)
+        record["samples_seen"] = self.n
+        sizes = self.bank.cluster_sizes()
+        record["cluster_size_min"] = int(sizes.min())
+        record["cluster_size_max"] = int(sizes.max())
+        gt = C.all_gather_cat(torch.stack([emb.idx, emb.cls], 1))
+        if (gt[:, 1] >= 0).all():  # ground truth known: evaluation only, never fed back
+            y = torch.empty(self.n, dtype=torch.int64)
+            y[gt[:, 0]] = gt[:, 1]
+            record["pseudo_acc_head0"] = clustering_scores(y.numpy(), new[0].numpy())["acc"]
+        self.log.log(record)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x = augment(
+            images.to(self.ctx.device, non_blocking=True),
+            idx,
+            cfg.augment,
+            cfg.seed,
+            self.pos.epoch,
+            self.size,
+        )
+        targets = self.bank.lookup(idx).to(self.ctx.device)  # [T, B] by global index
+        out = self.ddp(x)
+        losses = torch.stack([F.cross_entropy(z, t) for z, t in zip(out.logits, targets, strict=True)])
+        loss = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return losses.detach()
+
+    def run(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.checkpoint_dir:
+            self.restore(ctx.checkpoint_dir)
+        else:
+            self.relabel(initial=True)
+        self.progress = Progress(self.total_steps, self.pos.global_step, enabled=ctx.rank == 0)
+        every = cfg.checkpoint.every_steps
+        acc_loss = torch.zeros(cfg.method.heads)
+        acc_n = 0
+        while self.pos.epoch < cfg.optim.epochs:
+            batches = train_batches(
+                self.shards,
+                ctx.rank,
+                ctx.world_size,
+                self.local_batch,
+                cfg.seed,
+                self.pos.epoch,
+                num_workers=cfg.data.loader_workers,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                skip_steps=self.pos.step_in_epoch,
+                image_size=self.size,
+            )
+            for images, idx in batches:
+                if self.pos.global_step in self.relabel_at:
+                    self.relabel()
+                losses = self.train_step(images, idx)
+                acc_loss += losses.cpu()
+                acc_n += 1
+                self.pos.global_step += 1
+                self.pos.step_in_epoch += 1
+                if self.pos.global_step % cfg.trainer.log_every == 0:
+                    self._log_train(acc_loss / acc_n)
+                    acc_loss.zero_()
+                    acc_n = 0
+                if every and self.pos.global_step % every == 0:
+                    if self.pos.step_in_epoch < self.steps_per_epoch:
+                        self.checkpoint({"kind": "step"})
+            self.pos.epoch += 1
+            self.pos.step_in_epoch = 0
+            self.checkpoint({"kind": "epoch"})
+        return self.finish()
+
+    def _log_train(self, mean_losses: torch.Tensor) -> None:
+        # One all-reduce of T floats: the mean over ranks, identical on all of them.
+        mean_losses = C.all_reduce_sum(mean_losses.clone()) / self.ctx.world_size
+        if not torch.isfinite(mean_losses).all():
+            raise FloatingPointError(
+                f"loss became non-finite at step {self.pos.global_step}: "
+                f"{mean_losses.tolist()}; lower optim.lr or set optim.grad_clip"
+            )
+        self.head_loss = (
+            0.9 * self.head_loss + 0.1 * mean_losses
+            if self.head_loss.any()
+            else (mean_losses.clone())
+        )
+        loss = float(mean_losses.mean())
+        ips = self.progress.rate(self.pos.global_step, self.cfg.optim.batch_size)
+        record = {
+            "step": self.pos.global_step,
+            "epoch": self.pos.epoch,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": ips,
+            **{f"loss_head{t}": float(v) for t, v in enumerate(mean_losses)},
+        }
+        self.log.log(record)
+        self.progress.line(self.pos.global_step, self.pos.epoch, self.cfg.optim.epochs, loss, ips)
+
+    # ------------------------------------------------------------------ the end
+    def evaluate(self, shards: ShardSet) -> dict[str, Any]:
+        """Network predictions on ``shards`` scored per head (all ranks get the result)."""
+        self._sync_buffers()
+        return score_model(
+            self.model,
+            shards,
+            device=self.ctx.device,
+            image_size=self.size,
+            batch_size=max(self.local_batch, 256),
+            loader_workers=self.cfg.data.loader_workers,
+        )
+
+    def finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        eval_shards = self.shards if not cfg.data.eval else resolve_shards(cfg.data.eval)
+        result = self.evaluate(eval_shards)
+        # Best head chosen without ground truth: lowest training loss (as IIC picks its head).
+        best = int(torch.argmin(self.head_loss).item()) if self.head_loss.any() else 0
+        summary: dict[str, Any] = {
+            "best_head": best,
+            "best_head_rule": "lowest running training loss (no ground truth used)",
+            "heads": result["heads"],
+            "steps": self.pos.global_step,
+            "epochs": self.pos.epoch,
+            "num_samples": result["num_samples"],
+            "model_digest": model_digest(self.model),
+        }
+        for key in ("acc", "nmi", "ari"):
+            value = result["heads"][best].get(key)
+            summary[key] = value if value is not None and math.isfinite(value) else None
+        self.log.log(
+            {
+                "step": self.pos.global_step,
+                "epoch": self.pos.epoch,
+                "event": "final",
+                **{k: summary[k] for k in ("acc", "nmi", "ari")},
+            }
+        )
+        self.log.summary(summary)
+        self.checkpoint({"kind": "final", "summary": summary})
+        self.log.close()
+        return summary
+
+
+def train_loop(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
+    # torch and faiss each bring their own OpenMP: set both (never in loader workers).
+    torch.set_num_threads(cfg.trainer.cpus_per_worker)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    faiss.omp_set_num_threads(cfg.trainer.cpus_per_worker)
+    return Trainer(cfg, ctx).run()

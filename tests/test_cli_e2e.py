@@ -1,0 +1,122 @@
+"""The real CLI on a small real dataset: shard → train on 2 Ray workers → summary → evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+QUICK = [
+    "model.widths=[8,16]",
+    "method.heads=2",
+    "method.relabels=4",
+    "method.relabel_start=0.0",
+    "optim.epochs=2",
+    "optim.batch_size=64",
+    "checkpoint.every_steps=10",
+    "trainer.log_every=5",
+]
+
+
+def selfclust(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "selfclust.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "digits"
+    r = selfclust("shard", str(DIGITS), str(out), "--shard-size", "400")
+    assert r.returncode == 0, r.stderr
+    assert "1797 samples in 5 shards" in r.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_train_evaluate_resume(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", "configs/quickstart.yaml", "--run-dir", str(run), f"data.train={shards}"]
+    r = selfclust(*args, *QUICK)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ACC" in r.stdout and "NMI" in r.stdout
+
+    summary = json.loads((run / "summary.json").read_text())
+    steps_per_epoch = 1797 // 64
+    assert summary["steps"] == 2 * steps_per_epoch and summary["epochs"] == 2
+    assert len(summary["heads"]) == 2 and summary["num_samples"] == 1797
+    for key in ("acc", "nmi", "ari"):
+        assert 0 <= summary[key] <= 1 or key == "ari"
+        assert summary[key] == summary["heads"][summary["best_head"]][key]
+    assert len(summary["model_digest"]) == 64
+    assert (Path(summary["checkpoint"]) / "state.pt").is_file()
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in x and "epoch" in x for x in lines)
+    train_lines = [x for x in lines if "loss" in x]
+    assert train_lines and all(x["images_per_s"] > 0 and x["lr"] > 0 for x in train_lines)
+    relabels = [x for x in lines if x.get("event") == "relabel"]
+    assert len(relabels) >= 2
+    for x in relabels:
+        assert x["samples_seen"] == 1797 and x["sinkhorn_iters"] >= 1
+        assert x["cluster_size_min"] <= x["cluster_size_max"]
+    assert list(run.glob("wandb/offline-run-*")), "W&B offline run missing"
+    assert json.loads((run / "run.json").read_text())["wandb_id"]
+
+    # evaluate the final checkpoint: same model, same data → the same per-head scores
+    out = tmp_path / "eval.json"
+    r = selfclust("evaluate", str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads(out.read_text())
+    for a, b in zip(ev["heads"], summary["heads"], strict=True):
+        assert a["acc"] == pytest.approx(b["acc"]) and a["nmi"] == pytest.approx(b["nmi"])
+
+    # the same command again resumes from the final checkpoint: nothing more to train
+    r = selfclust(*args, *QUICK)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((run / "summary.json").read_text())
+    assert again["steps"] == summary["steps"]
+    assert again["model_digest"] == summary["model_digest"]
+
+    # the run dir belongs to this config: another lr is refused, naming the key
+    r = selfclust(*args, *QUICK, "optim.lr=0.2")
+    assert r.returncode == 2
+    assert "optim.lr" in r.stderr and "another config" in r.stderr
+
+
+def test_bad_inputs_fail_fast_with_clear_errors(shards: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = selfclust(
+        "train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "a"), f"data.train={empty}"
+    )
+    assert r.returncode == 2 and "manifest" in r.stderr
+
+    r = selfclust(
+        "train",
+        "configs/quickstart.yaml",
+        "--run-dir",
+        str(tmp_path / "b"),
+        f"data.train={shards}",
+        "method.clusters=5000",
+    )
+    assert r.returncode == 2 and "method.clusters=5000" in r.stderr
+
+    r = selfclust("train", "configs/quickstart.yaml", "optim.lrr=1")
+    assert r.returncode == 2 and "optim.lrr" in r.stderr
+
+    r = selfclust("shard", str(tmp_path / "missing.npz"), str(tmp_path / "out"))
+    assert r.returncode == 2 and "missing.npz" in r.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -1,0 +1,76 @@
+import pytest
+
+from selfclust.config import ConfigError, load_config, parse_overrides
+
+
+def test_defaults_are_selas(tmp_path):
+    cfg = load_config(None)
+    assert cfg.method.lam == 25.0
+    assert cfg.method.heads == 10
+    assert cfg.method.clusters == 3000
+    assert cfg.optim.lr == 0.05
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.1\nmodel:\n  arch: small_resnet\n")
+    cfg = load_config(p, ["optim.lr=0.2", "model.widths=[8,16]", "trainer.num_workers=4"])
+    assert cfg.optim.lr == 0.2
+    assert cfg.model.arch == "small_resnet"
+    assert cfg.model.widths == [8, 16]
+    assert cfg.trainer.num_workers == 4
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lrr=0.1"])
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "unknown key" in msg and "lr" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="optimiser"):
+        load_config(None, ["optimiser.lr=0.1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("method.lam=0", "method.lam"),
+        ("model.arch=vgg", "model.arch"),
+        ("wandb.mode=loud", "wandb.mode"),
+        ("augment.crop_scale=[0.9,0.1]", "augment"),
+        ("method.clusters=1", "method.clusters"),
+        ("optim.epochs=abc", "optim.epochs"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value)
+
+
+def test_batch_must_split_over_workers():
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(None, ["optim.batch_size=255", "trainer.num_workers=2"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for c in configs:
+        load_config(c)

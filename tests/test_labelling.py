@@ -1,0 +1,91 @@
+"""The label pass on 2 and 3 gloo ranks equals the single-process label pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfclust.config import ModelConfig
+from selfclust.data import ShardSet, eval_batches
+from selfclust.labelling import embed, gather_bank, kmeans_labels, sinkhorn_labels
+from selfclust.model import SelfLabelNet
+from selfclust.shards import write_shards
+
+DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    write_shards(DIGITS, out, shard_size=300)  # 6 shards, the last one short
+    return str(out)
+
+
+def _model() -> SelfLabelNet:
+    torch.manual_seed(0)
+    m = SelfLabelNet(ModelConfig(arch="small_resnet", widths=[8, 16]), 1, heads=3, clusters=10)
+    with torch.no_grad():  # spread the heads' logits so Sinkhorn has real work to do
+        for h in m.heads:
+            h.weight.mul_(20)
+    return m.eval()
+
+
+def label_pass(rank: int, world: int, shard_dir: str) -> dict:
+    from selfclust import collectives as C
+
+    s = ShardSet.open(shard_dir)
+    model = _model()
+    emb = embed(
+        model.backbone, eval_batches(s, rank, world, 128), torch.device("cpu"), None, s.num_samples
+    )
+    local, stats = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
+    bank = gather_bank(local, emb.idx, s.num_samples)
+    init = gather_bank(
+        kmeans_labels(emb, 2, 10, 1000, seed=0, num_samples=s.num_samples), emb.idx, s.num_samples
+    )
+    return {
+        "bank": bank,
+        "iters": stats.iterations,
+        "kmeans": init,
+        "n_local": len(emb.idx),
+        "world": C.world_size(),
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_label_pass_distributed_equals_single(tmp_path: Path, shards: str, world: int) -> None:
+    from spawn import run_ranks
+
+    single = label_pass(0, 1, shards)
+    results = run_ranks(label_pass, world, tmp_path, shards)
+    assert [r["world"] for r in results] == [world] * world
+    assert sum(r["n_local"] for r in results) == 1797
+    assert all(0 < r["n_local"] < 1797 for r in results)  # each rank really had its own rows
+    for r in results:
+        assert torch.equal(r["bank"], results[0]["bank"])  # every rank holds the same bank
+        assert torch.equal(r["kmeans"], results[0]["kmeans"])
+    agree = (results[0]["bank"] == single["bank"]).float().mean().item()
+    assert agree >= 0.999, agree  # float32 sums in another order may flip a rare tie
+    assert results[0]["iters"] == pytest.approx(single["iters"], abs=1)
+    assert torch.equal(results[0]["kmeans"], single["kmeans"])
+
+
+def test_label_pass_balanced_and_keyed_by_idx(shards: str) -> None:
+    out = label_pass(0, 1, shards)
+    assert len(np.unique(out["bank"][0].numpy())) >= 5  # not collapsed into a few clusters
+    # permuting the rows the label pass sees must not change any sample's label
+    s = ShardSet.open(shards)
+    model = _model()
+    emb = embed(model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797)
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(1))
+    emb.features, emb.idx = emb.features[perm], emb.idx[perm]
+    local, _ = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
+    assert (gather_bank(local, emb.idx, 1797) == out["bank"]).float().mean() >= 0.999
+
+
+def test_gather_bank_refuses_duplicates() -> None:
+    with pytest.raises(RuntimeError, match="exactly once"):
+        gather_bank(torch.zeros(1, 3, dtype=torch.long), torch.tensor([0, 1, 1]), 3)

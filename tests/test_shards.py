@@ -1,0 +1,341 @@
+"""Shard writing: round trips from every SOURCE kind on real data, checks, and bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from selfclust.shards import load_manifest, verify_shards, write_shards
+
+DATA = Path(os.environ.get("SELFCLUST_DATA", "/work/shared/data"))
+MNIST = Path(__file__).parent.parent / "selfclust" / "data" / "mnist_test"
+CIFAR_ZIP = DATA / "cifar10_test_jpeg" / "cifar10_test_jpeg.zip"
+
+
+def load_idx(path: Path) -> np.ndarray:
+    """Independent IDX reader (the one in the dataset's README)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def save_idx(path: Path, a: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + a.astype(np.uint8).tobytes())
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    path = DATA / "sklearn_digits" / "sklearn_digits.npz"
+    if path.exists():
+        with np.load(path) as d:
+            return d["x"], d["y"]
+    from sklearn.datasets import load_digits  # the same data (see the dataset's README)
+
+    d = load_digits()
+    return d.images.astype(np.uint8), d.target.astype(np.int64)
+
+
+def read_all(shard_dir: Path) -> list[dict]:
+    """Every sample of a shard directory, in shard order, as raw webdataset dicts."""
+    m = json.loads((shard_dir / "manifest.json").read_text())
+    return [
+        s for sh in m["shards"] for s in wds.tarfile_samples([{"url": str(shard_dir / sh["name"])}])
+    ]
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def digits_npz(tmp_path: Path) -> Path:
+    x, y = digits()
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_npz_round_trip(tmp_path: Path, digits_npz: Path) -> None:
+    x, y = digits()
+    out = tmp_path / "shards"
+    m = write_shards(digits_npz, out, shard_size=100)
+
+    assert m == load_manifest(out)
+    assert m["format"] == "selfclust-shards/1" and m["num_samples"] == 1797
+    assert [s["count"] for s in m["shards"]] == [100] * 17 + [97]
+    assert [s["first_idx"] for s in m["shards"]] == list(range(0, 1797, 100))
+    assert m["classes"] is None and m["channels"] == 1
+    assert m["image"] == {"height": 8, "width": 8, "channels": 1}
+    assert m["source"].startswith("npz:")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json"] + [s["name"] for s in m["shards"]]
+    )
+    for s in m["shards"]:
+        assert hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+
+    samples = read_all(out)
+    assert [int(s["idx"]) for s in samples] == list(range(1797))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(1797)]
+    images = np.stack([pixels(s["png"]) for s in samples])
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal([int(s["cls"]) for s in samples], y)
+    verify_shards(out)
+
+    # The same source gives byte-identical shards.
+    again = write_shards(digits_npz, tmp_path / "again", shard_size=100)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_rgb_npz_round_trip_without_labels(tmp_path: Path) -> None:
+    path = DATA / "cifar10_test_jpeg" / "cifar10_test_2k.npz"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    with np.load(path) as d:
+        x = d["x"][:300]
+    np.savez(tmp_path / "c.npz", x=x)
+    m = write_shards(tmp_path / "c.npz", tmp_path / "out", shard_size=128)
+    assert m["image"] == {"height": 32, "width": 32, "channels": 3}
+    assert [s["count"] for s in m["shards"]] == [128, 128, 44]
+    samples = read_all(tmp_path / "out")
+    assert all("cls" not in s for s in samples)
+    np.testing.assert_array_equal(np.stack([pixels(s["png"]) for s in samples]), x)
+
+
+def test_builtin_mnist_matches_idx_files(tmp_path: Path) -> None:
+    x = load_idx(MNIST / "t10k-images-idx3-ubyte.gz")
+    y = load_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
+    out = tmp_path / "mnist"
+    m = write_shards("mnist_test", out, shard_size=4000)
+    assert m["source"] == "builtin:mnist_test"
+    assert [s["count"] for s in m["shards"]] == [4000, 4000, 2000]
+    assert m["image"] == {"height": 28, "width": 28, "channels": 1}
+    samples = read_all(out)
+    assert [int(s["idx"]) for s in samples] == list(range(10000))
+    np.testing.assert_array_equal(np.stack([pixels(s["png"]) for s in samples]), x)
+    cls = np.array([int(s["cls"]) for s in samples])
+    np.testing.assert_array_equal(cls, y)
+    assert np.bincount(cls).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    verify_shards(out)
+
+
+def test_idx_file_and_directory_sources(tmp_path: Path) -> None:
+    x = load_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:300]
+    y = load_idx(MNIST / "t10k-labels-idx1-ubyte.gz")[:300]
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    save_idx(pair / "train-images-idx3-ubyte.gz", x)
+    save_idx(pair / "train-labels-idx1-ubyte.gz", y)
+    by_file = write_shards(pair / "train-images-idx3-ubyte.gz", tmp_path / "a", shard_size=128)
+    by_dir = write_shards(pair, tmp_path / "b", shard_size=128)
+    assert [s["sha256"] for s in by_file["shards"]] == [s["sha256"] for s in by_dir["shards"]]
+    samples = read_all(tmp_path / "a")
+    np.testing.assert_array_equal(np.stack([pixels(s["png"]) for s in samples]), x)
+    np.testing.assert_array_equal([int(s["cls"]) for s in samples], y)
+
+    alone = tmp_path / "alone"  # images without their labels file: no cls
+    alone.mkdir()
+    shutil.copy(pair / "train-images-idx3-ubyte.gz", alone)
+    write_shards(alone, tmp_path / "c", shard_size=1000)
+    assert all("cls" not in s for s in read_all(tmp_path / "c"))
+
+
+def make_png_tree(root: Path, per_class: int = 5) -> tuple[list[str], np.ndarray]:
+    """Class folders of grayscale PNGs cut from MNIST; returns class names and the images in
+    the order the writer must produce (classes sorted, files sorted)."""
+    x = load_idx(MNIST / "t10k-images-idx3-ubyte.gz")
+    classes = ["seven", "eight", "nine"]  # created unsorted on purpose
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            ext = ".PNG" if j == 0 else ".png"
+            Image.fromarray(x[c * per_class + j]).save(root / name / f"{j:03d}{ext}")
+    (root / "nine" / "notes.txt").write_text("not an image")
+    order = sorted(range(3), key=lambda c: classes[c])
+    expected = np.stack([x[c * per_class + j] for c in order for j in range(per_class)])
+    return sorted(classes), expected
+
+
+def test_image_folder_png_tree(tmp_path: Path) -> None:
+    classes, expected = make_png_tree(tmp_path / "tree")
+    m = write_shards(tmp_path / "tree", tmp_path / "out", shard_size=4)
+    assert m["classes"] == classes == ["eight", "nine", "seven"]
+    assert m["num_samples"] == 15 and [s["count"] for s in m["shards"]] == [4, 4, 4, 3]
+    assert m["image"] == {"height": 28, "width": 28, "channels": 1}
+    samples = read_all(tmp_path / "out")
+    assert [int(s["idx"]) for s in samples] == list(range(15))
+    assert [int(s["cls"]) for s in samples] == [0] * 5 + [1] * 5 + [2] * 5
+    assert all("png" in s for s in samples)  # extension lower-cased: ".PNG" → png
+    np.testing.assert_array_equal(np.stack([pixels(s["png"]) for s in samples]), expected)
+    verify_shards(tmp_path / "out")
+
+
+def test_image_folder_keeps_jpeg_bytes(tmp_path: Path) -> None:
+    if not CIFAR_ZIP.exists():
+        pytest.skip(f"{CIFAR_ZIP} not available")
+    tree = tmp_path / "tree"
+    files = []
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        for cls in ["truck", "airplane", "cat"]:
+            (tree / cls).mkdir(parents=True)
+            for k in range(4):
+                data = z.read(f"test/{cls}/{k:04d}.jpg")
+                (tree / cls / f"{k:04d}.jpg").write_bytes(data)
+                files.append((cls, k, data))
+    files.sort()
+    m = write_shards(tree, tmp_path / "out", shard_size=5)
+    assert m["classes"] == ["airplane", "cat", "truck"]
+    assert m["image"] == {"height": 32, "width": 32, "channels": 3}
+    samples = read_all(tmp_path / "out")
+    assert [s["jpg"] for s in samples] == [d for _, _, d in files]  # original bytes
+    assert [int(s["cls"]) for s in samples] == [0] * 4 + [1] * 4 + [2] * 4
+
+    # A tree mixing grayscale PNGs and RGB JPEGs is read as RGB: no uniform image entry.
+    Image.fromarray(load_idx(MNIST / "t10k-images-idx3-ubyte.gz")[0]).save(tree / "cat" / "z.png")
+    m = write_shards(tree, tmp_path / "mixed")
+    assert m["image"] is None and m["channels"] == 3 and m["num_samples"] == 13
+
+
+def test_verify_detects_corruption(tmp_path: Path, digits_npz: Path) -> None:
+    out = tmp_path / "shards"
+    write_shards(digits_npz, out, shard_size=500)
+    verify_shards(out)
+    shard = out / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-000002.tar"):
+        verify_shards(out)
+    shard.unlink()
+    with pytest.raises(ValueError, match="shard-000002.tar is missing"):
+        verify_shards(out)
+
+
+def bad_source(tmp_path: Path, kind: str) -> Path:
+    x, y = digits()
+    p = tmp_path / "src.npz"
+    if kind == "missing":
+        return tmp_path / "nope.npz"
+    if kind == "unknown":
+        p = tmp_path / "data.csv"
+        p.write_text("1,2,3\n")
+    elif kind == "empty":
+        np.savez(p, x=np.zeros((0, 8, 8), np.uint8))
+    elif kind == "no_x":
+        np.savez(p, images=x)
+    elif kind == "float_x":
+        np.savez(p, x=x.astype(np.float32))
+    elif kind == "ndim_x":
+        np.savez(p, x=x.reshape(len(x), -1))
+    elif kind == "y_length":
+        np.savez(p, x=x, y=y[:-1])
+    elif kind == "no_images":
+        p = tmp_path / "tree"
+        (p / "a").mkdir(parents=True)
+        (p / "a" / "readme.txt").write_text("hi")
+    elif kind == "unreadable":
+        p = tmp_path / "tree"
+        make_png_tree(p, per_class=2)
+        (p / "seven" / "zz_broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    return p
+
+
+BAD = [
+    ("missing", FileNotFoundError, "does not exist"),
+    ("unknown", ValueError, "unknown source kind"),
+    ("empty", ValueError, "empty"),
+    ("no_x", ValueError, "needs an array 'x'.*'images'"),
+    ("float_x", ValueError, "uint8.*float32"),
+    ("ndim_x", ValueError, r"shape \(N, H, W\)"),
+    ("y_length", ValueError, "one label per image"),
+    ("no_images", ValueError, "no image files"),
+    ("unreadable", ValueError, "unreadable image file .*zz_broken.jpg"),
+]
+
+
+@pytest.mark.parametrize("kind,error,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, kind, error, message) -> None:
+    src = bad_source(tmp_path, kind)
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    with pytest.raises(error, match=message):
+        write_shards(src, parent / "out", shard_size=3)
+    assert list(parent.iterdir()) == []  # no OUT, no manifest, no temp directory
+
+
+def test_bad_arguments(tmp_path: Path, digits_npz: Path) -> None:
+    with pytest.raises(ValueError, match="shard_size"):
+        write_shards(digits_npz, tmp_path / "out", shard_size=0)
+    with pytest.raises(ValueError, match="image_format"):
+        write_shards(digits_npz, tmp_path / "out", image_format="gif")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_directory_rules(tmp_path: Path, digits_npz: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a selfclust shard directory"):
+        write_shards(digits_npz, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="not a directory"):
+        write_shards(digits_npz, foreign / "notes.txt")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_shards(digits_npz, empty, shard_size=1000)
+    assert [s["count"] for s in load_manifest(empty)["shards"]] == [1000, 797]
+
+    # Overwriting a previous shard directory replaces it entirely.
+    write_shards(digits_npz, empty, shard_size=600)
+    assert sorted(p.name for p in empty.iterdir()) == [
+        "manifest.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
+    verify_shards(empty)
+    assert no_leftovers(tmp_path)
+
+
+def test_failed_overwrite_keeps_previous_shards(tmp_path: Path, digits_npz: Path) -> None:
+    out = tmp_path / "out"
+    before = write_shards(digits_npz, out, shard_size=1000)
+    tree = bad_source(tmp_path / "t", "unreadable")  # fails after writing a few shards
+    with pytest.raises(ValueError, match="unreadable image file"):
+        write_shards(tree, out, shard_size=1)
+    assert load_manifest(out) == before
+    verify_shards(out)
+    assert no_leftovers(tmp_path)
+
+
+def test_load_manifest_errors(tmp_path: Path, digits_npz: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no manifest.json.*selfclust shard SOURCE OUT"):
+        load_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_manifest(tmp_path / "nope")
+    out = tmp_path / "out"
+    write_shards(digits_npz, out, shard_size=1000)
+    m = json.loads((out / "manifest.json").read_text())
+    m["shards"][1]["count"] = 5
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="not a valid selfclust manifest"):
+        load_manifest(out)

@@ -1,0 +1,313 @@
+"""Tests for selfclust.sinkhorn: oracles (POT, float64 log-domain), numerics, distributed."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import selfclust.sinkhorn as sk
+from selfclust.collectives import WORLD
+from selfclust.sinkhorn import SinkhornResult, sinkhorn_knopp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors, many ops: OpenMP on a busy 2-core CI box is 10-50x slower than 1 thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def plan(res: SinkhornResult, logits: torch.Tensor, lam: float) -> torch.Tensor:
+    """Q [n, K] float64 rebuilt from the result, in terms of the original logits."""
+    s = lam * logits.to(torch.float64)
+    return (res.log_beta[:, None] + s + res.log_alpha[None, :]).exp()
+
+
+def marginal_errors(q: torch.Tensor) -> tuple[float, float]:
+    """(max relative row error, max relative column error) against 1/N and 1/K."""
+    n, k = q.shape
+    rows = (q.sum(1) * n - 1).abs().max().item()
+    cols = (q.sum(0) * k - 1).abs().max().item()
+    return rows, cols
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.logsumexp, but terms below e^-600 of the max are clamped (float64 denormals crawl)."""
+    m = x.amax(dim=dim, keepdim=True)
+    return (m + (x - m).clamp_(min=-600.0).exp_().sum(dim=dim, keepdim=True).log_()).squeeze(dim)
+
+
+def log_sinkhorn_f64(
+    logits: torch.Tensor, lam: float, tol: float = 1e-6, max_iters: int = 20000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle: float64 log-domain Sinkhorn; returns (labels, log_alpha)."""
+    s = lam * logits.to(torch.float64)  # [N, K]
+    n, k = s.shape
+    log_a = torch.zeros(k, dtype=torch.float64)
+    for _ in range(max_iters):
+        log_b = -math.log(n) - _logsumexp(s + log_a, dim=1)  # rows exact
+        log_col = _logsumexp(s + log_b[:, None], dim=0)  # [K], without a
+        if (k * (log_col + log_a).exp() - 1).abs().max() < tol:
+            break
+        log_a = -math.log(k) - log_col
+    else:
+        raise AssertionError("oracle did not converge")
+    return (s + log_a).argmax(dim=1), log_a
+
+
+def net_logits(n: int, k: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Logits of a small random MLP on a 10-component Gaussian mixture: structured, not iid."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 3.0 * torch.randn(10, 32, generator=g)
+    x = centers[torch.randint(0, 10, (n,), generator=g)] + torch.randn(n, 32, generator=g)
+    w1 = torch.randn(32, 64, generator=g) / 32**0.5
+    w2 = torch.randn(64, k, generator=g) / 64**0.5
+    z = torch.relu(x @ w1) @ w2
+    return scale * z / z.std()
+
+
+def peaked_logits(n: int, k: int, seed: int) -> torch.Tensor:
+    """Every sample prefers cluster 0 by a wide margin; no sample comes near cluster K-1."""
+    z = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    z[:, 0] += 10.0
+    z[:, -1] -= 10.0
+    return z
+
+
+# ---------------------------------------------------------------- oracles
+
+
+def test_matches_pot_plan() -> None:
+    ot = pytest.importorskip("ot")
+    z = torch.randn(300, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam, (n, k) = 8.0, z.shape
+    q_pot = ot.sinkhorn(
+        torch.full((n,), 1.0 / n, dtype=torch.float64),
+        torch.full((k,), 1.0 / k, dtype=torch.float64),
+        -z,
+        1.0 / lam,
+        numItermax=100000,
+        stopThr=1e-12,
+    )
+    res = sinkhorn_knopp(z, lam, tol=1e-5)
+    assert res.converged and res.error < 1e-5
+    q = plan(res, z, lam)
+    assert torch.allclose(q, q_pot, rtol=1e-3, atol=1e-3 / (n * k))
+    assert torch.equal(res.labels, q_pot.argmax(dim=1))
+
+
+@pytest.mark.parametrize("lam", [25.0, 50.0])
+def test_matches_log_domain_oracle(lam: float) -> None:
+    z = net_logits(5000, 30, seed=1)
+    labels_ref, _ = log_sinkhorn_f64(z, lam, tol=1e-6)
+    res = sinkhorn_knopp(z, lam)  # default tol 1e-3
+    assert res.converged and res.error < 1e-3
+    agree = (res.labels == labels_ref).double().mean().item()
+    assert agree >= 0.999
+    rows, cols = marginal_errors(plan(res, z, lam))
+    assert rows < 1e-4 and cols < 1e-3 + 1e-4
+
+
+def test_error_is_column_deviation_after_row_update() -> None:
+    z = net_logits(2000, 16, seed=2)
+    lam = 25.0
+    for max_iters in (1, 3, 1000):
+        res = sinkhorn_knopp(z, lam, tol=1e-4, max_iters=max_iters)
+        rows, cols = marginal_errors(plan(res, z, lam))
+        assert rows < 1e-5  # rows are exact
+        assert abs(res.error - cols) < 1e-5 * max(1.0, cols)
+        assert res.converged == (res.error < 1e-4)
+    short = sinkhorn_knopp(z, lam, tol=1e-4, max_iters=3)
+    assert short.iterations == 3 and not short.converged and short.error >= 1e-4
+    assert res.converged and res.iterations < 1000
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def test_near_uniform_logits_are_finite_and_balanced() -> None:
+    n, k = 20000, 10
+    z = 1e-4 * torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    res = sinkhorn_knopp(z, 25.0)
+    assert res.converged
+    assert torch.isfinite(res.log_alpha).all() and torch.isfinite(res.log_beta).all()
+    q = plan(res, z, 25.0)
+    assert ((q * n * k) - 1).abs().max() < 0.05  # the plan is near uniform
+    # Labels follow the noise: cluster sizes are multinomial, N/K = 2000 ± 45 (1 sigma).
+    sizes = torch.bincount(res.labels, minlength=k)
+    assert ((sizes - n / k).abs() < 0.1 * n / k).all()
+
+
+@pytest.mark.parametrize("lam", [25.0, 50.0])
+def test_peaked_logits_still_give_equal_clusters(lam: float) -> None:
+    n, k = 5000, 20
+    z = peaked_logits(n, k, seed=4)
+    # Float32 exp(λ (z − max)) of cluster K-1 underflows for every row (λ·20 ≫ 87).
+    assert (lam * (z[:, -1] - z.amax(1)) < -104).all()
+    res = sinkhorn_knopp(z, lam)
+    assert res.converged and res.error < 1e-3
+    assert torch.isfinite(res.log_alpha).all() and torch.isfinite(res.log_beta).all()
+    assert res.log_alpha[0] < res.log_alpha[1:].min()  # the favourite is taxed
+    assert res.log_alpha[-1] > res.log_alpha[:-1].max()  # the shunned one is subsidised
+    sizes = torch.bincount(res.labels, minlength=k)
+    assert ((sizes - n / k).abs() <= 0.05 * n / k).all()
+    rows, cols = marginal_errors(plan(res, z, lam))
+    assert rows < 1e-3 and cols < 1e-3 + 1e-3
+    labels_ref, _ = log_sinkhorn_f64(z, lam, tol=1e-6)
+    assert (res.labels == labels_ref).double().mean() >= 0.999
+
+
+def test_constant_logits() -> None:
+    z = torch.full((50, 5), 3.7)
+    res = sinkhorn_knopp(z, 25.0)
+    assert res.converged and res.iterations == 1 and res.error < 1e-6
+    assert torch.allclose(plan(res, z, 25.0), torch.full((50, 5), 1 / 250, dtype=torch.float64))
+    assert torch.allclose(res.log_alpha, res.log_alpha[0].expand(5))
+    assert res.labels.dtype == torch.int64 and ((res.labels >= 0) & (res.labels < 5)).all()
+
+
+def test_dtypes_and_input_untouched() -> None:
+    z = net_logits(1000, 12, seed=5).to(torch.bfloat16)
+    ref = sinkhorn_knopp(z.float(), 25.0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        zz = z.to(dtype)
+        before = zz.clone()
+        res = sinkhorn_knopp(zz, 25.0)
+        assert torch.equal(zz, before)
+        assert res.labels.dtype == torch.int64 and res.log_alpha.dtype == torch.float64
+        assert res.log_beta.dtype == torch.float64 and res.log_beta.shape == (1000,)
+        assert (res.labels == ref.labels).double().mean() >= 0.999
+
+
+def test_chunked_cpu_pass_and_check_every(monkeypatch: pytest.MonkeyPatch) -> None:
+    z = peaked_logits(3000, 16, seed=6)
+    whole = sinkhorn_knopp(z, 25.0)
+    monkeypatch.setattr(sk, "_CHUNK_BYTES", 7 * 4 * 16)  # 7-row chunks, last one partial
+    chunked = sinkhorn_knopp(z, 25.0)
+    assert chunked.iterations == whole.iterations
+    assert torch.equal(chunked.labels, whole.labels)
+    assert torch.allclose(chunked.log_alpha, whole.log_alpha, atol=1e-4)
+    sparse = sinkhorn_knopp(z, 25.0, check_every=7)
+    assert sparse.converged and sparse.error < 1e-3
+    assert (sparse.labels == whole.labels).double().mean() >= 0.999
+
+
+def test_non_finite_rows_raise_with_count() -> None:
+    z = torch.randn(20, 4)
+    z[3, 1] = float("nan")
+    z[7, 2] = float("inf")
+    z[9] = -float("inf")
+    with pytest.raises(ValueError, match=r"3 row\(s\) with NaN or inf \(of 20\)"):
+        sinkhorn_knopp(z, 25.0)
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError, match=r"K=5 clusters > N=3 samples"):
+        sinkhorn_knopp(torch.zeros(3, 5), 25.0)
+    with pytest.raises(ValueError, match="2-D"):
+        sinkhorn_knopp(torch.zeros(10), 25.0)
+    with pytest.raises(ValueError, match="K >= 2"):
+        sinkhorn_knopp(torch.zeros(10, 1), 25.0)
+    for lam in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam"):
+            sinkhorn_knopp(torch.zeros(10, 2), lam)
+    with pytest.raises(ValueError, match="floating point"):
+        sinkhorn_knopp(torch.zeros(10, 2, dtype=torch.int64), 25.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    z = peaked_logits(20000, 100, seed=7)
+    cpu = sinkhorn_knopp(z, 25.0)
+    gpu = sinkhorn_knopp(z.cuda(), 25.0)
+    assert gpu.labels.is_cuda and gpu.converged
+    assert (gpu.labels.cpu() == cpu.labels).double().mean() >= 0.999
+    assert torch.allclose(gpu.log_alpha.cpu(), cpu.log_alpha, atol=1e-2)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def _rank_main(rank: int, world: int, tmp: str, bounds: list[int]) -> None:
+    """One gloo rank: solve on its own rows of each case and save what it got."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        cases = torch.load(f"{tmp}/cases.pt")
+        lo, hi = bounds[rank], bounds[rank + 1]
+        out: dict[str, object] = {}
+        for name, (z, lam) in cases.items():
+            res = sinkhorn_knopp(z[lo:hi], lam, group=WORLD)
+            out[name] = vars(res)
+        # NaN on the last rank only: every rank must raise (and none may hang).
+        z_bad = cases["net"][0][lo:hi].clone()
+        if rank == world - 1:
+            z_bad[-1, 0] = float("nan")
+        try:
+            sinkhorn_knopp(z_bad, 25.0, group=WORLD)
+            out["nan"] = "no error"
+        except ValueError as err:
+            out["nan"] = str(err)
+        torch.save(out, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [[0, 700, 3000], [0, 1400, 1400, 3000]],  # uneven; the 3-rank split has an empty rank
+    ids=["2ranks", "3ranks-one-empty"],
+)
+def test_distributed_equals_single_process(tmp_path: Path, bounds: list[int]) -> None:
+    world = len(bounds) - 1
+    cases = {
+        "net": (net_logits(3000, 24, seed=8), 25.0),
+        "peaked": (peaked_logits(3000, 24, 9), 50.0),
+    }
+    torch.save(cases, tmp_path / "cases.pt")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, str(tmp_path), bounds)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 120  # a failing rank must fail the test, not hang it
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, "a rank hung"
+    assert [p.exitcode for p in procs] == [0] * world
+
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, (z, lam) in cases.items():
+        ref = sinkhorn_knopp(z, lam)
+        got = [o[name] for o in outs]
+        assert all(g["iterations"] == ref.iterations for g in got)
+        assert all(g["converged"] == ref.converged for g in got)
+        assert torch.equal(torch.cat([g["labels"] for g in got]), ref.labels)
+        for g in got:
+            assert torch.allclose(g["log_alpha"], ref.log_alpha, atol=1e-4)
+            assert g["error"] == pytest.approx(ref.error, rel=1e-3)
+        log_beta = torch.cat([g["log_beta"] for g in got])
+        assert torch.allclose(log_beta, ref.log_beta, atol=1e-4)
+    for o in outs:
+        assert "1 row(s) with NaN or inf (of 3000)" in o["nan"]
