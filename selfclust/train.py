@@ -200,7 +200,9 @@ class Trainer:
         )
         targets = self.bank.lookup(idx).to(self.ctx.device)  # [T, B] by global index
         out = self.ddp(x)
-        losses = torch.stack([F.cross_entropy(z, t) for z, t in zip(out.logits, targets, strict=True)])
+        losses = torch.stack(
+            [F.cross_entropy(z, t) for z, t in zip(out.logits, targets, strict=True)]
+        )
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
