@@ -77,9 +77,8 @@ def _build_kernel(
     p = _exponent(logits, z_max, lam, log_alpha0, out)  # [n, K] f32
     m = p.amax(dim=1) if p.shape[0] > 0 else p.new_zeros(0)  # [n]
     p.sub_(m[:, None]).clamp_(min=_LOG_P_MIN - 10.0).exp_()  # row max is exactly 1
-    torch.nn.functional.threshold(
-        p, math.exp(_LOG_P_MIN), 0.0, inplace=True
-    )  # exact zeros, no denormals
+    # Exact zeros below e^_LOG_P_MIN: no denormals in the products P_ik a_k and b_i P_ik.
+    torch.nn.functional.threshold(p, math.exp(_LOG_P_MIN), 0.0, inplace=True)
     return p, m
 
 
@@ -88,7 +87,7 @@ def _row_col_update(
 ) -> torch.Tensor:
     """Row update ``b = (1/N) / (P @ a)`` in place, then return the local ``c = b @ P`` ([K])."""
     n, k = p.shape
-    rows = max(1, _CHUNK_BYTES // (4 * k))
+    rows = max(64, _CHUNK_BYTES // (4 * k))  # bounded Python overhead for huge K
     if p.device.type != "cpu" or n <= rows:
         torch.mv(p, a, out=b).reciprocal_().mul_(inv_n)  # [n]
         return torch.mv(p.t(), b)  # [K]
@@ -112,9 +111,10 @@ def _exact_log_alpha(
 ) -> torch.Tensor:
     """Column update in the log domain, immune to underflow; ``buf`` ([n, K]) is scratch.
 
-    Returns the new log α₀ = log α₀ − log K − logsumexp_i (log b_i + log P_ik) over all ranks,
-    with P untruncated (one all_reduce_max and one all_reduce_sum of K numbers), shifted so
-    that its max is 0 and rounded to the float32 values the rebuilt kernel will see.
+    Returns the new log α₀ = log α₀ − logsumexp_i (log b_i + log P_ik) over all ranks, with P
+    untruncated (one all_reduce_max and one all_reduce_sum of K numbers), shifted so that its
+    max is 0 (any constant is absorbed by the next row update) and rounded to the float32
+    values the rebuilt kernel will see.
     """
     k = buf.shape[1]
     _exponent(logits, z_max, lam, log_alpha0, buf).sub_(m[:, None]).add_(b.log()[:, None])
