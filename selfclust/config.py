@@ -58,7 +58,10 @@ class MethodConfig(_Section):
     relabel_start: float = Field(
         0.0, ge=0, lt=1, description="fraction of training before the first update"
     )
-    init: Literal["kmeans", "random"] = "kmeans"
+    # Initial labels: faiss k-means on the (untrained) backbone's pooled features, on raw-pixel
+    # thumbnails (kmeans_pixel_size² per channel), or SeLa's random equal-size labels.
+    init: Literal["kmeans", "kmeans_pixels", "random"] = "random"
+    kmeans_pixel_size: int = Field(16, ge=1)
     kmeans_samples: int = Field(
         100_000, ge=1, description="features sampled (over all ranks) for k-means"
     )

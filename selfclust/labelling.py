@@ -9,7 +9,7 @@ the distributed Sinkhorn-Knopp on its own rows and drops the block. Only the fin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ class Embedded:
 
 @torch.no_grad()
 def embed(
-    backbone: nn.Module,
+    backbone: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     device: torch.device,
     size: int | None,
@@ -39,15 +39,18 @@ def embed(
     group: Any = C.WORLD,
 ) -> Embedded:
     """Pooled features of every sample this rank reads; checks the global count equals N."""
-    was_training = backbone.training
-    backbone.eval()
+    module = backbone if isinstance(backbone, nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
     feats, idxs, clss = [], [], []
     for images, idx, cls in batches:
         x = normalize(images.to(device, non_blocking=True), size)
         feats.append(backbone(x).float())
         idxs.append(idx)
         clss.append(cls)
-    backbone.train(was_training)
+    if module is not None:
+        module.train(was_training)
     if not feats:
         raise RuntimeError("this rank read no samples in the label pass (no shards assigned)")
     out = Embedded(torch.cat(feats), torch.cat(idxs).long(), torch.cat(clss).long())
@@ -58,6 +61,15 @@ def embed(
             f"{num_samples}: shards are missing, unreadable or were changed after writing"
         )
     return out
+
+
+def thumbnails(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Feature map for k-means on raw pixels: images area-pooled to size×size, flattened."""
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1)
+
+    return features
 
 
 def head_logits(head: nn.Linear, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
@@ -123,6 +135,7 @@ def kmeans_labels(
     samples: int,
     seed: int,
     num_samples: int,
+    l2_normalize: bool = True,
     group: Any = C.WORLD,
 ) -> torch.Tensor:
     """Initial labels ``[T, n_r]`` by faiss k-means (one run per head, different seeds).
@@ -134,7 +147,9 @@ def kmeans_labels(
     """
     import faiss
 
-    f = torch.nn.functional.normalize(emb.features.float(), dim=1).cpu()
+    f = emb.features.float().cpu()
+    if l2_normalize:
+        f = torch.nn.functional.normalize(f, dim=1)
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919))
     position = torch.empty_like(order)
     position[order] = torch.arange(num_samples)

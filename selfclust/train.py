@@ -27,7 +27,14 @@ from selfclust.checkpoint import Position, check_compatible, make_state, read_st
 from selfclust.config import RunConfig
 from selfclust.data import ShardSet, eval_batches, steps_per_epoch, train_batches
 from selfclust.evaluate import score_model
-from selfclust.labelling import embed, gather_bank, kmeans_labels, random_bank, sinkhorn_labels
+from selfclust.labelling import (
+    embed,
+    gather_bank,
+    kmeans_labels,
+    random_bank,
+    sinkhorn_labels,
+    thumbnails,
+)
 from selfclust.metrics import clustering_scores
 from selfclust.model import SelfLabelNet, model_digest
 from selfclust.runlog import MetricsLog, Progress
@@ -143,7 +150,7 @@ class Trainer:
         for buf in self.model.buffers():
             C.broadcast(buf, 0)
 
-    def _embed(self, shards: ShardSet) -> Any:
+    def _embed(self, shards: ShardSet, pixels: bool = False) -> Any:
         self._sync_buffers()
         batches = eval_batches(
             shards,
@@ -153,18 +160,28 @@ class Trainer:
             num_workers=self.cfg.data.loader_workers,
             image_size=self.size,
         )
-        return embed(self.model.backbone, batches, self.ctx.device, self.size, shards.num_samples)
+        fn = thumbnails(self.cfg.method.kmeans_pixel_size) if pixels else self.model.backbone
+        return embed(fn, batches, self.ctx.device, self.size, shards.num_samples)
 
     def relabel(self, initial: bool = False) -> None:
         m = self.cfg.method
         if initial and m.init == "random":
             self.bank.assign(random_bank(m.heads, self.n, m.clusters, self.cfg.seed))
             return
-        emb = self._embed(self.shards)
+        pixels = initial and m.init == "kmeans_pixels"
+        emb = self._embed(self.shards, pixels=pixels)
         record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
         if initial:
-            local = kmeans_labels(emb, m.heads, m.clusters, m.kmeans_samples, self.cfg.seed, self.n)
-            record["event"] = "init_kmeans"
+            local = kmeans_labels(
+                emb,
+                m.heads,
+                m.clusters,
+                m.kmeans_samples,
+                self.cfg.seed,
+                self.n,
+                l2_normalize=not pixels,
+            )
+            record["event"] = f"init_{m.init}"
         else:
             local, st = sinkhorn_labels(
                 self.model.heads, emb, m.lam, m.sinkhorn_tol, m.sinkhorn_max_iters
