@@ -129,11 +129,12 @@ def _init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, include_dashboard=False)
+        ray.init(address=cfg.ray.address)
         return
     need = max(1, cfg.trainer.num_workers) * cfg.trainer.cpus_per_worker
     num_cpus = cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
