@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,24 +52,15 @@ class WorkerContext:
     wandb_id: str
 
 
-def resolve_shards(path: str) -> ShardSet:
-    return ShardSet.open(path)
-
-
 class Trainer:
     """State and steps of one rank; ``run()`` trains to the end and returns the summary."""
 
     def __init__(self, cfg: RunConfig, ctx: WorkerContext) -> None:
         self.cfg, self.ctx = cfg, ctx
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        self.shards = resolve_shards(cfg.data.train)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.shards = ShardSet.open(cfg.data.train)
         self.n = self.shards.num_samples
         m = cfg.method
-        if m.clusters > self.n:
-            raise ValueError(
-                f"method.clusters={m.clusters} exceeds the {self.n} samples in {cfg.data.train}"
-            )
         channels = self.shards.channels
         self.size = cfg.data.image_size
         self.model = SelfLabelNet(cfg.model, channels, m.heads, m.clusters).to(ctx.device)
@@ -103,7 +93,6 @@ class Trainer:
             )
         )
         self.log = MetricsLog(ctx.run_dir, cfg, ctx.wandb_id, enabled=ctx.rank == 0)
-        self.progress = Progress(self.total_steps, 0, enabled=ctx.rank == 0)
         self.head_loss = torch.zeros(m.heads)  # running mean of each head's loss (for best head)
 
     # ------------------------------------------------------------------ state
@@ -128,8 +117,6 @@ class Trainer:
         self.bank.load_state_dict(state["bank"])
         self.pos = Position(**state["position"])
         self.head_loss = state["extra"]["head_loss"].clone()
-        if self.ctx.world_size * self.local_batch != self.cfg.optim.batch_size:
-            raise ValueError("global batch changed across resume")
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """All ranks call this; rank 0 writes the state and Ray persists it."""
@@ -266,11 +253,22 @@ class Trainer:
                     acc_n = 0
                 if every and self.pos.global_step % every == 0:
                     if self.pos.step_in_epoch < self.steps_per_epoch:
+                        self._check_finite(acc_loss)
                         self.checkpoint({"kind": "step"})
             self.pos.epoch += 1
             self.pos.step_in_epoch = 0
+            self._check_finite(acc_loss)
             self.checkpoint({"kind": "epoch"})
         return self.finish()
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Refuse to checkpoint a diverged model; all ranks agree (one all-reduce)."""
+        bad = C.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss_sum).all())]))
+        if bad.item():
+            raise FloatingPointError(
+                f"loss became non-finite before step {self.pos.global_step} on {int(bad.item())} "
+                "rank(s); the last good checkpoint is kept. Lower optim.lr or set optim.grad_clip"
+            )
 
     def _log_train(self, mean_losses: torch.Tensor) -> None:
         # One all-reduce of T floats: the mean over ranks, identical on all of them.
@@ -313,7 +311,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        eval_shards = self.shards if not cfg.data.eval else resolve_shards(cfg.data.eval)
+        eval_shards = self.shards if not cfg.data.eval else ShardSet.open(cfg.data.eval)
         result = self.evaluate(eval_shards)
         # Best head chosen without ground truth: lowest training loss (as IIC picks its head).
         best = int(torch.argmin(self.head_loss).item()) if self.head_loss.any() else 0
