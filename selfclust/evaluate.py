@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,7 +39,7 @@ def score_model(
     rows = rows[torch.argsort(rows[:, 0])]
     y, preds = rows[:, 1].numpy(), rows[:, 2:].t().numpy()
     labelled = bool((y >= 0).all())
-    clusters = model.heads[0].out_features
+    clusters = int(cast(torch.nn.Linear, model.heads[0]).out_features)
     heads: list[dict[str, Any]] = []
     for t, p in enumerate(preds):
         entry: dict[str, Any] = {"head": t, **size_stats(p, clusters)}

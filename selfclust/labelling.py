@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -72,9 +72,10 @@ def thumbnails(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return features
 
 
-def head_logits(head: nn.Linear, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+def head_logits(head: nn.Module, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """[n, D] features → [n, K] float32 logits of one linear head, computed in row chunks."""
-    w, b = head.weight.detach().float(), head.bias.detach().float()
+    linear = cast(nn.Linear, head)
+    w, b = linear.weight.detach().float(), linear.bias.detach().float()
     return torch.cat([torch.addmm(b, f, w.t()) for f in features.split(chunk)])
 
 

@@ -175,9 +175,10 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    if result.checkpoint is None or "summary" not in (result.metrics or {}):
+    metrics = result.metrics or {}
+    if result.checkpoint is None or "summary" not in metrics:
         raise RuntimeError(f"training ended without a final checkpoint; see {storage}")
-    summary = dict(result.metrics["summary"])
+    summary = dict(metrics["summary"])
     summary["checkpoint"] = result.checkpoint.path
     summary["run_name"] = info["name"]
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
