@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score each head against ground truth (NMI, ARI, ACC)")
     e.add_argument("target", help="a run dir or a checkpoint dir")
     e.add_argument("--data", help="shard dir to evaluate on (default: the run's eval data)")
-    e.add_argument("--out", help="JSON output (default RUN_DIR/evaluation.json)")
+    e.add_argument(
+        "--out", help="JSON output (default RUN_DIR/evaluation.json, or ./evaluation.json)"
+    )
     e.add_argument("--batch-size", type=int, default=512)
     e.set_defaults(func=cmd_evaluate)
     return p

@@ -65,8 +65,6 @@ class MethodConfig(_Section):
     kmeans_samples: int = Field(
         100_000, ge=1, description="features sampled (over all ranks) for k-means"
     )
-    # Label pass on the clean image averaged with this many augmented views (0: clean only).
-    label_views: int = Field(0, ge=0)
 
 
 class AugmentConfig(_Section):
@@ -106,7 +104,7 @@ class OptimConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = in-process local mode")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
@@ -132,7 +130,7 @@ class WandbConfig(_Section):
 
 
 class RunConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)

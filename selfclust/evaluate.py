@@ -79,6 +79,7 @@ def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512)
     )
     for key in ("acc", "nmi", "ari"):
         result[key] = result["heads"][best].get(key)
-    run_dir = target if not (target / "state.pt").is_file() else ckpt
-    result["default_out"] = run_dir / "evaluation.json"
+    # Never write into a checkpoint dir: Ray prunes those (keep_last).
+    is_ckpt = (target / "state.pt").is_file()
+    result["default_out"] = Path("evaluation.json") if is_ckpt else target / "evaluation.json"
     return result

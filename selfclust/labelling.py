@@ -51,10 +51,16 @@ def embed(
         clss.append(cls)
     if module is not None:
         module.train(was_training)
-    if not feats:
-        raise RuntimeError("this rank read no samples in the label pass (no shards assigned)")
+    # Count first, on every rank, so that a rank with nothing to read cannot raise alone.
+    local = sum(len(i) for i in idxs)
+    counts = C.all_reduce_sum(torch.tensor([local, int(local == 0)], dtype=torch.int64), group)
+    if int(counts[1]):
+        raise RuntimeError(
+            f"{int(counts[1])} rank(s) read no samples in the label pass: the dataset has fewer "
+            "shards than ranks can share; write smaller shards (--shard-size) or use fewer workers"
+        )
     out = Embedded(torch.cat(feats), torch.cat(idxs).long(), torch.cat(clss).long())
-    seen = C.all_reduce_sum(torch.tensor([len(out.idx)], dtype=torch.int64), group)
+    seen = counts[:1]
     if int(seen.item()) != num_samples:
         raise RuntimeError(
             f"label pass saw {int(seen.item())} samples across all ranks, the manifest says "
@@ -155,8 +161,8 @@ def kmeans_labels(
     position = torch.empty_like(order)
     position[order] = torch.arange(num_samples)
     mine = position[emb.idx] < samples
-    pool = C.all_gather_cat(torch.cat([emb.idx[mine, None].float(), f[mine]], 1), group)
-    pool = pool[torch.argsort(pool[:, 0])][:, 1:]
+    pool_idx = C.all_gather_cat(emb.idx[mine], group)  # int64: exact at any N
+    pool = C.all_gather_cat(f[mine], group)[torch.argsort(pool_idx)]
     if len(pool) < clusters:
         raise ValueError(
             f"k-means needs at least K={clusters} sampled features, got {len(pool)}: raise "

@@ -159,7 +159,8 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
             "run_dir": str(run_dir),
             "wandb_id": info["wandb_id"],
         },
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        # CPU tensors (counts, labels, the bank) travel over gloo, CUDA ones over nccl.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,

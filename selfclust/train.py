@@ -94,6 +94,10 @@ class Trainer:
         )
         self.log = MetricsLog(ctx.run_dir, cfg, ctx.wandb_id, enabled=ctx.rank == 0)
         self.head_loss = torch.zeros(m.heads)  # running mean of each head's loss (for best head)
+        # Per-head loss summed since the last metrics line; checkpointed so that a resumed run
+        # logs, and picks its best head, exactly as an uninterrupted one.
+        self.window_loss = torch.zeros(m.heads)
+        self.window_n = 0
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -105,7 +109,11 @@ class Trainer:
             position=self.pos,
             cfg=self.cfg,
             wandb_id=self.ctx.wandb_id,
-            extra={"head_loss": self.head_loss.clone()},
+            extra={
+                "head_loss": self.head_loss.clone(),
+                "window_loss": self.window_loss.clone(),
+                "window_n": self.window_n,
+            },
         )
 
     def restore(self, checkpoint_dir: str) -> None:
@@ -117,6 +125,11 @@ class Trainer:
         self.bank.load_state_dict(state["bank"])
         self.pos = Position(**state["position"])
         self.head_loss = state["extra"]["head_loss"].clone()
+        self.window_loss = state["extra"]["window_loss"].clone()
+        self.window_n = int(state["extra"]["window_n"])
+        # Steps after this checkpoint may already be in metrics.jsonl from the lost attempt;
+        # this line marks where the resumed attempt's records start.
+        self.log.log({"step": self.pos.global_step, "epoch": self.pos.epoch, "event": "resumed"})
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """All ranks call this; rank 0 writes the state and Ray persists it."""
@@ -224,8 +237,6 @@ class Trainer:
             self.relabel(initial=True)
         self.progress = Progress(self.total_steps, self.pos.global_step, enabled=ctx.rank == 0)
         every = cfg.checkpoint.every_steps
-        acc_loss = torch.zeros(cfg.method.heads)
-        acc_n = 0
         while self.pos.epoch < cfg.optim.epochs:
             batches = train_batches(
                 self.shards,
@@ -243,21 +254,21 @@ class Trainer:
                 if self.pos.global_step in self.relabel_at:
                     self.relabel()
                 losses = self.train_step(images, idx)
-                acc_loss += losses.cpu()
-                acc_n += 1
+                self.window_loss += losses.cpu()
+                self.window_n += 1
                 self.pos.global_step += 1
                 self.pos.step_in_epoch += 1
                 if self.pos.global_step % cfg.trainer.log_every == 0:
-                    self._log_train(acc_loss / acc_n)
-                    acc_loss.zero_()
-                    acc_n = 0
+                    self._log_train(self.window_loss / self.window_n)
+                    self.window_loss.zero_()
+                    self.window_n = 0
                 if every and self.pos.global_step % every == 0:
                     if self.pos.step_in_epoch < self.steps_per_epoch:
-                        self._check_finite(acc_loss)
+                        self._check_finite(self.window_loss)
                         self.checkpoint({"kind": "step"})
             self.pos.epoch += 1
             self.pos.step_in_epoch = 0
-            self._check_finite(acc_loss)
+            self._check_finite(self.window_loss)
             self.checkpoint({"kind": "epoch"})
         return self.finish()
 
