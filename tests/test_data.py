@@ -22,7 +22,7 @@ from selfclust.data import ShardSet, assign_shards, eval_batches, steps_per_epoc
 from selfclust.shards import write_shards
 
 B = 32
-DATA = Path(os.environ.get("SELFCLUST_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("SELFCLUST_DATA", Path(__file__).parents[2] / "shared" / "data"))
 MNIST = Path(__file__).parent.parent / "selfclust" / "data" / "mnist_test"
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from selfclust.shards import load_manifest, verify_shards, write_shards
 
-DATA = Path(os.environ.get("SELFCLUST_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("SELFCLUST_DATA", Path(__file__).parents[2] / "shared" / "data"))
 MNIST = Path(__file__).parent.parent / "selfclust" / "data" / "mnist_test"
 CIFAR_ZIP = DATA / "cifar10_test_jpeg" / "cifar10_test_jpeg.zip"
 
