@@ -78,18 +78,3 @@ def broadcast(t: torch.Tensor, src: int = 0, group: Any = WORLD) -> torch.Tensor
     if g is not None and dist.get_world_size(g) > 1:
         dist.broadcast(t, src=dist.get_global_rank(g, src), group=g)
     return t
-
-
-def broadcast_object(obj: Any, src: int = 0, group: Any = WORLD) -> Any:
-    g = _resolve(group)
-    if g is None or dist.get_world_size(g) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(g, src), group=g)
-    return box[0]
-
-
-def barrier(group: Any = WORLD) -> None:
-    g = _resolve(group)
-    if g is not None and dist.get_world_size(g) > 1:
-        dist.barrier(group=g)

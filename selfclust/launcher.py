@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -199,7 +198,3 @@ def latest_checkpoint(run_dir: Path) -> Path:
             f"{run_dir} holds no checkpoint (no summary.json, no ray/*/checkpoint_*)"
         )
     return found[-1].parent
-
-
-def remove_run(run_dir: Path) -> None:  # used by tests and `--fresh`
-    shutil.rmtree(run_dir, ignore_errors=True)

@@ -72,12 +72,6 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if not isinstance(v, str)})
 
-    def log_images(self, step: int, images: dict[str, str]) -> None:
-        if self.enabled and self._wandb is not None:
-            import wandb
-
-            self._wandb.log({"step": step, **{k: wandb.Image(p) for k, p in images.items()}})
-
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self._wandb is not None:
             for k, v in values.items():
