@@ -83,6 +83,25 @@ class SelfLabelNet(nn.Module):
         f = self.backbone(x)
         return NetOutput(features=f, logits=[h(f) for h in self.heads])
 
+    def stage_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Global-average-pooled output of the stem and every ResNet stage, ``name → [B, C]``,
+        for linear probes (as SeLa probes conv1..res5). The last stage's entry is named
+        ``pool``: it equals ``backbone(x)``, the features the heads see."""
+        b = self.backbone
+        if isinstance(b, SmallResNet):
+            names = ["stem"] + [f"stage{i + 1}" for i in range(len(b.stages))]
+            parts: list[nn.Module] = [b.stem, *b.stages]
+        else:  # torchvision ResNet: conv1 block (with max-pool), layer1..layer4
+            stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)  # type: ignore[arg-type]
+            names = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+            parts = [stem, b.layer1, b.layer2, b.layer3, b.layer4]  # type: ignore[list-item]
+        names[-1] = "pool"
+        out: dict[str, torch.Tensor] = {}
+        for name, part in zip(names, parts, strict=True):
+            x = part(x)
+            out[name] = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return out
+
 
 def model_digest(model: nn.Module) -> str:
     """sha256 over every parameter and buffer, in state_dict order, as contiguous CPU bytes."""

@@ -1,0 +1,115 @@
+"""Linear probes: per-stage features, learning a separable set, not learning shuffled labels,
+and the same result on 2 gloo ranks as on one (features extracted per rank from real shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfclust.config import ModelConfig
+from selfclust.data import ShardSet
+from selfclust.model import SelfLabelNet
+from selfclust.probe import Features, ProbeConfig, probe_features, probe_model
+from selfclust.shards import write_shards
+from tests.spawn import run_ranks
+
+DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+FAST = dict(epochs=15, batch_size=128, views=1, knn_k=(20,))
+
+
+def synthetic(seed: int, n: int, classes: int = 10, d: int = 24, shuffle: bool = False):
+    """Well separated Gaussian blobs (linearly separable in practice); features as one
+    ``pool`` stage plus a pure-noise ``noise`` stage."""
+    rng = np.random.default_rng(seed)
+    centers = 6 * np.eye(classes, d)
+    y = rng.integers(0, classes, n)
+    x = centers[y] + rng.normal(size=(n, d))
+    if shuffle:
+        y = rng.permutation(y)
+    stages = {
+        "noise": torch.from_numpy(rng.normal(size=(1, n, 8))).float(),
+        "pool": torch.from_numpy(x[None]).float(),
+    }
+    return Features(stages, torch.arange(n) + seed * n, torch.from_numpy(y))
+
+
+def test_stage_features_end_in_the_pool():
+    x = torch.randn(2, 1, 16, 16)
+    small = SelfLabelNet(ModelConfig(arch="small_resnet", widths=[4, 8, 16]), 1, 1, 3).eval()
+    f = small.stage_features(x)
+    assert list(f) == ["stem", "stage1", "stage2", "pool"]
+    assert [t.shape[1] for t in f.values()] == [4, 4, 8, 16]
+    torch.testing.assert_close(f["pool"], small.backbone(x))
+    r18 = SelfLabelNet(ModelConfig(arch="resnet18"), 1, 1, 3).eval()
+    f = r18.stage_features(x)
+    assert list(f) == ["conv1", "layer1", "layer2", "layer3", "pool"]
+    assert [t.shape[1] for t in f.values()] == [64, 64, 128, 256, 512]
+    torch.testing.assert_close(f["pool"], r18.backbone(x))
+
+
+def test_learns_separable_set():
+    cfg = ProbeConfig(**FAST)
+    r = probe_features(synthetic(0, 2000), synthetic(1, 500), 10, cfg, group=None)
+    assert r["linear"]["pool"]["top1"] >= 0.99
+    assert r["linear"]["noise"]["top1"] < 0.2  # noise features carry no class information
+    assert r["knn"]["k20"]["top1"] >= 0.99
+    assert r["num_train"] == 2000 and r["num_eval"] == 500
+
+
+def test_shuffled_labels_stay_at_chance():
+    cfg = ProbeConfig(**FAST)
+    r = probe_features(synthetic(0, 2000, shuffle=True), synthetic(1, 1000), 10, cfg, group=None)
+    assert abs(r["linear"]["pool"]["top1"] - 0.1) < 0.05
+    assert abs(r["knn"]["k20"]["top1"] - 0.1) < 0.05
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="schedule"):
+        ProbeConfig(schedule="linear")
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("probe") / "digits"
+    write_shards(str(DIGITS), out, shard_size=400)
+    return out
+
+
+def _model() -> SelfLabelNet:
+    torch.manual_seed(0)
+    return SelfLabelNet(ModelConfig(arch="small_resnet", widths=[8, 16]), 1, 1, 10)
+
+
+def _probe(rank: int, world: int, shards: str, eval_shards: str | None):
+    torch.set_num_threads(1)
+    cfg = ProbeConfig(epochs=4, batch_size=128, views=2, knn_k=(20, 200))
+    ev = ShardSet.open(eval_shards) if eval_shards else None
+    return probe_model(_model(), ShardSet.open(shards), ev, cfg, image_size=None, batch_size=200)
+
+
+def test_real_shards_two_ranks_equal_one(digit_shards: Path, tmp_path: Path):
+    one = _probe(0, 1, str(digit_shards), None)
+    assert "stratified split" in one["split"]
+    assert one["num_train"] + one["num_eval"] == 1797 and one["num_eval"] == 360
+    assert list(one["linear"]) == ["stem", "stage1", "pool"]
+    # random conv features of 8x8 digits are already far better than chance (0.1)
+    assert one["linear"]["pool"]["top1"] > 0.3 and one["knn"]["k20"]["top1"] > 0.3
+    two = run_ranks(_probe, 2, tmp_path, str(digit_shards), None)
+    for r in two:
+        assert r["num_train"] == one["num_train"] and r["split"] == one["split"]
+        # faiss sums float32 inner products in blocks that depend on the rows a rank holds;
+        # a random net's features are nearly parallel, so a near-tie at the k-th neighbour
+        # may flip for a sample or two.
+        for k, s in one["knn"].items():
+            assert r["knn"][k]["top1"] == pytest.approx(s["top1"], abs=3 / 360)
+        for stage, s in one["linear"].items():
+            assert r["linear"][stage]["top1"] == pytest.approx(s["top1"], abs=1 / 360 + 1e-9)
+            assert r["linear"][stage]["top5"] == pytest.approx(s["top5"], abs=1 / 360 + 1e-9)
+
+
+def test_separate_eval_shards(digit_shards: Path):
+    r = _probe(0, 1, str(digit_shards), str(digit_shards))
+    assert r["num_train"] == r["num_eval"] == 1797 and "evaluation:" in r["split"]
