@@ -4,12 +4,15 @@ A checkpoint is a directory holding ``state.pt`` (a dict of plain tensors and Py
 loadable with ``torch.load(weights_only=True)``): model, optimizer, LR scheduler, label bank,
 progress (epoch, step within the epoch, global step), the resolved config and the W&B run id.
 Rank 0 writes it into a fresh temporary directory and hands it to Ray
-(``ray.train.report(checkpoint=...)``), which registers it only once it is fully persisted, so
-a write interrupted half-way never becomes the latest checkpoint.
+(``ray.train.report(checkpoint=...)``), which registers it only once it is fully persisted.
+``state.pt`` is written under a temporary name and renamed, and ``state.sha256`` (its digest)
+is written last: a directory without a matching digest (a write or an upload cut off
+half-way) is never loaded, and never chosen as the latest checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 from selfclust.config import RunConfig, diff_configs
 
 STATE_FILE = "state.pt"
+DIGEST_FILE = "state.sha256"
 FORMAT = 1
 # Sections that must match for a checkpoint to be continued (the rest is how it is run).
 SECTIONS_FIXED = ("seed", "data", "model", "method", "augment", "optim")
@@ -32,6 +36,9 @@ class Position:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
+    # The global step whose scheduled label update is already in the bank (-1: none yet), so
+    # a checkpoint taken right after an update is resumed without redoing it.
+    labels_step: int = -1
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -56,13 +63,33 @@ def check_compatible(saved: dict[str, Any], current: RunConfig, where: str) -> N
         )
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_state(state: dict[str, Any]) -> str:
     """Write ``state`` to a new temporary directory (rank 0 only) and return its path."""
     tmp = Path(tempfile.mkdtemp(prefix="selfclust-ckpt-"))
     part = tmp / (STATE_FILE + ".partial")
     torch.save(state, part)
     part.rename(tmp / STATE_FILE)  # atomic within the directory
+    digest = tmp / (DIGEST_FILE + ".partial")
+    digest.write_text(_sha256(tmp / STATE_FILE) + "\n")
+    digest.rename(tmp / DIGEST_FILE)
     return str(tmp)
+
+
+def is_complete(checkpoint_dir: str | Path) -> bool:
+    """True when the directory holds a state file matching its digest (fully written)."""
+    d = Path(checkpoint_dir)
+    state, digest = d / STATE_FILE, d / DIGEST_FILE
+    if not (state.is_file() and digest.is_file()):
+        return False
+    return digest.read_text().strip() == _sha256(state)
 
 
 def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:
@@ -70,6 +97,12 @@ def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{checkpoint_dir} holds no {STATE_FILE}: not a selfclust checkpoint"
+        )
+    if not is_complete(checkpoint_dir):
+        raise IncompatibleCheckpoint(
+            f"{checkpoint_dir} is incomplete or corrupt ({STATE_FILE} does not match "
+            f"{DIGEST_FILE}): it was cut off while being written or copied; use an older "
+            "checkpoint (the run dir's latest complete one is found automatically)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:

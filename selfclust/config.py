@@ -107,13 +107,24 @@ class TrainerConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+    max_failures: int = Field(
+        3, ge=-1, description="restarts after worker/node failures; -1 = unlimited"
+    )
+    max_preemptions: int = Field(
+        -1, ge=-1, description="restarts after spot/preemptible node reclaims; -1 = unlimited"
+    )
+    preemption_check_every: int = Field(
+        10, ge=0, description="steps between preemption-notice checks (a barrier; 0 = off)"
+    )
     log_every: int = Field(20, ge=1, description="steps between metrics.jsonl lines")
 
 
 class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: epochs only)")
     keep_last: int = Field(2, ge=1)
+    after_relabel: bool = Field(
+        True, description="checkpoint right after each label update (a restart never redoes one)"
+    )
 
 
 class RayConfig(_Section):

@@ -108,12 +108,19 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(path) if path else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    def preemption() -> dict[str, Any] | None:
+        info = ray.train.get_preemption_info()  # a barrier over all ranks
+        if info is None:
+            return None
+        return {"deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks}
+
     device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     ctx = WorkerContext(
         rank=tctx.get_world_rank(),
         world_size=tctx.get_world_size(),
         device=device,
         report=report,
+        preemption=preemption,
         checkpoint_dir=restore_dir,
         run_dir=Path(payload["run_dir"]),
         wandb_id=payload["wandb_id"],
@@ -168,7 +175,9 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         run_config=RayRunConfig(
             name=info["name"],
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(
+                max_failures=t.max_failures, max_preemption_failures=t.max_preemptions
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
     )
@@ -186,15 +195,34 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    """The final checkpoint recorded in summary.json, else the newest under RUN_DIR/ray."""
+    """The final checkpoint recorded in summary.json, else the newest complete one in storage.
+
+    Incomplete directories (a write or an upload cut off half-way) are never chosen.
+    """
+    from selfclust.checkpoint import is_complete
+
     summary = run_dir / "summary.json"
     if summary.is_file():
         path = Path(json.loads(summary.read_text())["checkpoint"])
-        if (path / "state.pt").is_file():
+        if is_complete(path):
             return path
-    found = sorted(run_dir.glob("ray/*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    roots = [run_dir / "ray"]
+    info_file = run_dir / RUN_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        storage = (info.get("config", {}).get("ray") or {}).get("storage_path")
+        if storage and "://" not in storage:
+            roots.insert(0, Path(storage))
+    found = [
+        p.parent
+        for root in roots
+        for p in root.glob("*/checkpoint_*/state.pt")
+        if is_complete(p.parent)
+    ]
     if not found:
         raise FileNotFoundError(
-            f"{run_dir} holds no checkpoint (no summary.json, no ray/*/checkpoint_*)"
+            f"{run_dir} holds no complete checkpoint (no summary.json, nothing complete under "
+            + ", ".join(str(r) for r in roots)
+            + ")"
         )
-    return found[-1].parent
+    return max(found, key=lambda d: (d / "state.sha256").stat().st_mtime)

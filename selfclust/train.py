@@ -50,6 +50,9 @@ class WorkerContext:
     checkpoint_dir: str | None  # the checkpoint to restore, if any
     run_dir: Path
     wandb_id: str
+    # preemption(): a barrier returning {"deadline_ms", "ranks"} once a node of this worker
+    # group is being reclaimed (Ray's drain notice), else None.
+    preemption: Callable[[], dict[str, Any] | None] = lambda: None
 
 
 class Trainer:
@@ -98,6 +101,7 @@ class Trainer:
         # logs, and picks its best head, exactly as an uninterrupted one.
         self.window_loss = torch.zeros(m.heads)
         self.window_n = 0
+        self.preemption_saved = False  # one just-in-time checkpoint per notice
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -113,6 +117,7 @@ class Trainer:
                 "head_loss": self.head_loss.clone(),
                 "window_loss": self.window_loss.clone(),
                 "window_n": self.window_n,
+                "world_size": self.ctx.world_size,
             },
         )
 
@@ -129,7 +134,21 @@ class Trainer:
         self.window_n = int(state["extra"]["window_n"])
         # Steps after this checkpoint may already be in metrics.jsonl from the lost attempt;
         # this line marks where the resumed attempt's records start.
-        self.log.log({"step": self.pos.global_step, "epoch": self.pos.epoch, "event": "resumed"})
+        record: dict[str, Any] = {
+            "step": self.pos.global_step,
+            "epoch": self.pos.epoch,
+            "event": "resumed",
+            "step_in_epoch": self.pos.step_in_epoch,
+        }
+        saved_world = int(state["extra"].get("world_size", self.ctx.world_size))
+        if saved_world != self.ctx.world_size:
+            # Elastic resume: the global batch, steps per epoch, LR and relabel schedules do
+            # not depend on the worker count, so the position carries over unchanged. Only
+            # the rest of this epoch is drawn from the new split (some of its samples may be
+            # seen twice, others not at all); later epochs are as in a fresh run of this size.
+            record.update(event="resumed_elastic", from_workers=saved_world)
+        record["workers"] = self.ctx.world_size
+        self.log.log(record)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """All ranks call this; rank 0 writes the state and Ray persists it."""
@@ -168,6 +187,15 @@ class Trainer:
         if initial and m.init == "random":
             self.bank.assign(random_bank(m.heads, self.n, m.clusters, self.cfg.seed))
             return
+        self._relabel(initial)
+        if not initial:
+            self.pos.labels_step = self.pos.global_step
+        if self.cfg.checkpoint.after_relabel:
+            # A label pass costs a full sweep of the data: never redo one after a failure.
+            self.checkpoint({"kind": "labels"})
+
+    def _relabel(self, initial: bool) -> None:
+        m = self.cfg.method
         pixels = initial and m.init == "kmeans_pixels"
         emb = self._embed(self.shards, pixels=pixels)
         record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
@@ -251,8 +279,10 @@ class Trainer:
                 image_size=self.size,
             )
             for images, idx in batches:
-                if self.pos.global_step in self.relabel_at:
+                step = self.pos.global_step
+                if step in self.relabel_at and self.pos.labels_step != step:
                     self.relabel()
+                self._check_preemption()
                 losses = self.train_step(images, idx)
                 self.window_loss += losses.cpu()
                 self.window_n += 1
@@ -271,6 +301,32 @@ class Trainer:
             self._check_finite(self.window_loss)
             self.checkpoint({"kind": "epoch"})
         return self.finish()
+
+    def _check_preemption(self) -> None:
+        """On Ray's preemption notice, checkpoint now (once), then keep training.
+
+        When the node goes, Ray Train restarts the worker group from this checkpoint, so a
+        reclaim with notice costs the restart, not the steps since the last checkpoint.
+        """
+        every = self.cfg.trainer.preemption_check_every
+        if not every or self.pos.global_step % every or self.preemption_saved:
+            return
+        info = self.ctx.preemption()
+        if info is None:
+            return
+        self.preemption_saved = True
+        self.log.log(
+            {
+                "step": self.pos.global_step,
+                "epoch": self.pos.epoch,
+                "event": "preemption_notice",
+                "deadline_ms": info.get("deadline_ms"),
+                "preempted_ranks": str(info.get("ranks")),
+            }
+        )
+        if self.pos.step_in_epoch:  # (an epoch-start position was just checkpointed)
+            self._check_finite(self.window_loss)
+            self.checkpoint({"kind": "preemption"})
 
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
         """Refuse to checkpoint a diverged model; all ranks agree (one all-reduce)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,27 @@ def test_two_ranks_agree_and_resume_exactly(shards: str, tmp_path: Path) -> None
     assert resumed[0]["summary"]["steps"] == steps
     assert resumed[0]["summary"]["model_digest"] == s0["model_digest"]
     assert resumed[0]["summary"]["heads"] == s0["heads"]
+
+    # resume right after a mid-run label update: the update is not redone, the result is equal
+    labels = [(m, p) for m, p in saved if m["kind"] == "labels" and m["global_step"] > 0]
+    assert labels, kinds
+    at = labels[0][0]["global_step"]
+    again = run_ranks(
+        run_rank, 2, tmp_path / "labels", shards, str(tmp_path / "labels"), labels[0][1]
+    )
+    assert again[0]["summary"]["model_digest"] == s0["model_digest"]
+
+    def relabel_steps(run: str) -> list[int]:
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["step"] for x in lines if '"event": "relabel"' in x]
+
+    assert relabel_steps("labels") == [s for s in relabel_steps("full") if s > at]
+
+    # elastic: the 2-worker mid-epoch checkpoint continues on 1 worker to the same step count
+    one = run_ranks(run_rank, 1, tmp_path / "elastic", shards, str(tmp_path / "elastic"), mid[0])
+    assert one[0]["summary"]["steps"] == steps and one[0]["summary"]["epochs"] == 2
+    log = (tmp_path / "elastic" / "run" / "metrics.jsonl").read_text()
+    assert '"event": "resumed_elastic"' in log and '"from_workers": 2' in log
 
     lines = (tmp_path / "full" / "run" / "metrics.jsonl").read_text().splitlines()
     assert any('"event": "init_kmeans_pixels"' in x for x in lines)

@@ -1,0 +1,236 @@
+"""Real faults against real Ray runs: a worker killed by pid, the driver killed and the
+command rerun, a checkpoint write killed half-way. Each interrupted run must finish with the
+same model (``model_digest``) as the uninterrupted one. Every wait is bounded.
+
+The simulated-cluster test (a node drained for preemption, then lost and replaced) is in
+``test_preemption.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from selfclust.shards import write_shards
+
+ROOT = Path(__file__).parents[1]
+DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+# Long enough (20 epochs × 28 steps) that a fault injected after step 30 lands mid-run.
+FAULT_RUN = [
+    "model.widths=[8,16]",
+    "method.heads=1",
+    "method.relabels=4",
+    "method.relabel_start=0.0",
+    "optim.epochs=20",
+    "optim.batch_size=64",
+    "checkpoint.every_steps=10",
+    "checkpoint.keep_last=2",
+    "trainer.log_every=5",
+    "trainer.max_failures=2",
+    "wandb.mode=offline",
+]
+STEPS = 20 * (1797 // 64)
+TIMEOUT_S = 420
+
+
+def train_cmd(shards: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "selfclust.cli",
+        "train",
+        "configs/quickstart.yaml",
+        "--run-dir",
+        str(run),
+        f"data.train={shards}",
+        *FAULT_RUN,
+        *extra,
+    ]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0"}
+    out = log.open("w")
+    # A new session: the driver, its local Ray cluster and the workers share one process group.
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        rc = proc.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(
+            f"run did not finish in {TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
+        ) from None
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def wait_for(what: str, cond: Callable[[], bool], proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {what}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no {what} after {TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def reached(run: Path, step: int) -> Callable[[], bool]:
+    return lambda: any(r.get("step", -1) >= step and "loss" in r for r in records(run))
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    from selfclust.checkpoint import is_complete
+
+    return [p for p in run.glob("ray/*/checkpoint_*") if is_complete(p)]
+
+
+def train_workers(session: int) -> list[int]:
+    """Pids of the Ray Train worker processes in this session (by their process title)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "RayTrainWorker" in title and os.getsid(int(entry.name)) == session:
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return sorted(pids)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write_shards(DIGITS, out, shard_size=400)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(shards: Path, tmp_path_factory) -> dict:
+    """The uninterrupted run."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    log = run.parent / "log.txt"
+    finish(start(train_cmd(shards, run), log), log)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    # keep_last: Ray prunes older checkpoints
+    assert len(list(run.glob("ray/*/checkpoint_*"))) <= 2
+    return summary
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_exactly(shards: Path, reference: dict, tmp_path) -> None:
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start(train_cmd(shards, run), log)
+    wait_for("step 30", reached(run, 30), proc, log)
+    workers = train_workers(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    finish(proc, log)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["model_digest"] == reference["model_digest"]
+    resumed = [r for r in records(run) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and 0 < resumed[0]["step"] < STEPS
+
+
+@pytest.mark.slow
+def test_driver_killed_and_rerun_resumes_exactly(shards: Path, reference: dict, tmp_path) -> None:
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    cmd = train_cmd(shards, run)
+    proc = start(cmd, log)
+    wait_for("a checkpoint", lambda: len(complete_checkpoints(run)) > 0, proc, log)
+    wait_for("step 40", reached(run, 40), proc, log)
+    wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and the workers at once
+    proc.wait(30)
+    assert not (run / "summary.json").exists()
+
+    proc = start(cmd, tmp_path / "log2.txt")
+    finish(proc, tmp_path / "log2.txt")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_digest"] == reference["model_digest"]
+    assert json.loads((run / "run.json").read_text())["wandb_id"] == wandb_id
+    resumed = [r for r in records(run) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] > 0
+    # the same W&B run continues (offline: a second directory for the same id)
+    assert len(list(run.glob(f"wandb/offline-run-*-{wandb_id}"))) == 2
+
+
+def test_checkpoint_write_killed_half_way_never_becomes_latest(tmp_path: Path) -> None:
+    import torch
+
+    from selfclust.checkpoint import IncompatibleCheckpoint, is_complete, read_state, write_state
+    from selfclust.launcher import latest_checkpoint
+
+    storage = tmp_path / "run" / "ray" / "selfclust-test"
+    storage.mkdir(parents=True)
+    shutil.move(write_state({"format": 1, "x": torch.arange(4)}), storage / "checkpoint_000001")
+    assert latest_checkpoint(tmp_path / "run") == storage / "checkpoint_000001"
+
+    # A real writer process killed while torch.save is streaming a large state.
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import torch; from selfclust.checkpoint import write_state; "
+            "write_state({'format': 1, 'x': torch.ones(400_000_000, dtype=torch.uint8)})",
+        ],
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 1 << 20 for p in tmpdir.glob("*/state.pt.partial")):
+        assert writer.poll() is None, "writer finished before it could be killed"
+        assert time.monotonic() < deadline, "writer never started writing"
+        time.sleep(0.01)
+    writer.kill()
+    writer.wait(30)
+    (cut,) = list(tmpdir.iterdir())
+    assert not (cut / "state.pt").exists() and not is_complete(cut)
+
+    # Whatever was cut off (no state file, no digest, or a truncated copy in storage) is
+    # never the latest and is refused by name when given directly.
+    shutil.move(cut, storage / "checkpoint_000002")
+    copy = storage / "checkpoint_000003"
+    copy.mkdir()
+    full = (storage / "checkpoint_000001" / "state.pt").read_bytes()
+    (copy / "state.pt").write_bytes(full[: len(full) // 2])
+    (copy / "state.sha256").write_bytes(
+        (storage / "checkpoint_000001" / "state.sha256").read_bytes()
+    )
+    assert latest_checkpoint(tmp_path / "run") == storage / "checkpoint_000001"
+    with pytest.raises(IncompatibleCheckpoint, match="incomplete or corrupt"):
+        read_state(copy)
+    with pytest.raises(FileNotFoundError, match="state.pt"):
+        read_state(storage / "checkpoint_000002")
