@@ -13,6 +13,15 @@ the scalings a, b the iterations see stay near 1. When they drift too far apart,
 underflows (a cluster no sample prefers, at λ = 25), one exact log-domain column update is done
 and absorbed into a rebuilt P (the "absorption" stabilisation of Schmitzer, 2019). log α₀ and the
 shifts are float64/float32 vectors: nothing becomes inf or NaN.
+
+Convergence: plain Sinkhorn contracts at a rate ρ that tends to 1 as the logits grow
+confident or λ grows (on a trained MNIST head at λ = 25 it needs ~5,500 iterations for 1e-3).
+Both half-steps are therefore over-relaxed in the log domain, ``log b ← (1−ω) log b + ω log
+b_exact`` and likewise for a: for the two-block (2-cyclic) iteration, SOR theory gives the
+optimal ω* = 2 / (1 + √(1−ρ)) and the rate ω* − 1 ≈ 1 − 2√(1−ρ). ρ is estimated from the error
+decay between checks (ω = 1 at first, then inverting the SOR eigenvalue relation
+(μ + ω − 1)² = μ ω² ρ), so no tuning is needed; 30-40× fewer iterations at λ = 25-50.
+The error is always measured on the plan with *exact* rows, so the contract is unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +48,12 @@ _LOG_A_FLOOR = -36.0
 _CHUNK_BYTES = 4 << 20
 # Column sums below this (float64) count as underflowed.
 _C_FLOOR = 1e-300
+# Over-relaxation: ω stays 1 for the first _OMEGA_WARMUP iterations (the transient is not
+# linear), is re-estimated over windows of at least _OMEGA_WINDOW iterations, never exceeds
+# _OMEGA_MAX (rate ω − 1 if ρ is over-estimated) and is halved towards 1 if the error grows.
+_OMEGA_WARMUP = 20
+_OMEGA_WINDOW = 10
+_OMEGA_MAX = 1.98
 
 
 @dataclass
@@ -82,21 +97,54 @@ def _build_kernel(
     return p, m
 
 
-def _row_col_update(
-    p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_n: float
+def _sweep(
+    p: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    b_ex: torch.Tensor,
+    inv_n: float,
+    omega: float,
+    check: bool,
 ) -> torch.Tensor:
-    """Row update ``b = (1/N) / (P @ a)`` in place, then return the local ``c = b @ P`` ([K])."""
+    """One pass over P: rows ``b ← b_ex (b_ex / b)^(ω−1)`` with ``b_ex = (1/N) / (P @ a)``
+    (in place), then the local column sums ``[2, K]``: ``b @ P`` and, on check iterations,
+    ``b_ex @ P`` (the column marginals of the plan with exact rows, for the error; ``b_ex``
+    is written then too).
+
+    CPU: row chunks of ~_CHUNK_BYTES, the column product reads the chunk while it is in cache,
+    so the block streams from memory once per iteration. Other devices: two matrix products.
+    """
     n, k = p.shape
-    rows = max(64, _CHUNK_BYTES // (4 * k))  # bounded Python overhead for huge K
-    if p.device.type != "cpu" or n <= rows:
-        torch.mv(p, a, out=b).reciprocal_().mul_(inv_n)  # [n]
-        return torch.mv(p.t(), b)  # [K]
-    c = torch.zeros(k, dtype=torch.float32)
+    rows = max(n, 1) if p.device.type != "cpu" else max(64, _CHUNK_BYTES // (4 * k))
+    c = torch.zeros(2, k, dtype=torch.float32, device=p.device)
     for start in range(0, n, rows):
-        blk, b_blk = p[start : start + rows], b[start : start + rows]  # [rows, K], [rows]
-        torch.mv(blk, a, out=b_blk).reciprocal_().mul_(inv_n)
-        c.addmv_(blk.t(), b_blk)  # blk is still in cache
+        sl = slice(start, start + rows)
+        blk, b_blk = p[sl], b[sl]  # [rows, K], [rows]
+        e = torch.mv(blk, a).reciprocal_().mul_(inv_n)  # exact rows, [rows]
+        if omega != 1.0:  # log-domain relaxation, as a ratio near 1 (no float32 overflow)
+            b_blk.copy_(e * (e / b_blk).pow_(omega - 1.0))
+        else:
+            b_blk.copy_(e)
+        if check:
+            b_ex[sl] = e
+            c.t().addmm_(blk.t(), torch.stack([b_blk, e], dim=1))  # one read of blk for both
+        else:
+            c[0].addmv_(blk.t(), b_blk)
     return c
+
+
+def _next_omega(omega: float, rate: float) -> float:
+    """Over-relaxation factor for the next window, from the error decay ``rate`` per iteration.
+
+    For the two-block iteration the SOR eigenvalues μ satisfy (μ + ω − 1)² = μ ω² ρ, where ρ is
+    plain Sinkhorn's rate; solving for ρ from the observed μ = rate gives ω* = 2 / (1 + √(1−ρ)).
+    """
+    if not rate < 1.0:  # the error grew over the window: back off towards plain Sinkhorn
+        return 1.0 + (omega - 1.0) / 2
+    if rate <= omega - 1.0:  # complex eigenvalues: ω is already at or above ω*
+        return omega
+    rho = min((rate + omega - 1.0) ** 2 / (rate * omega * omega), 1.0 - 1e-12)
+    return max(omega, min(_OMEGA_MAX, 2.0 / (1.0 + math.sqrt(1.0 - rho))))
 
 
 def _exact_log_alpha(
@@ -200,19 +248,27 @@ def sinkhorn_knopp(
     log_alpha0 = torch.zeros(k, dtype=torch.float64, device=device)  # absorbed in P
     p, m = _build_kernel(logits, z_max, lam, log_alpha0, None)  # [n, K] f32, [n] f32
     a = torch.ones(k, dtype=torch.float32, device=device)  # column scaling relative to P
-    b = torch.empty(n, dtype=torch.float32, device=device)
+    log_a = torch.zeros(k, dtype=torch.float64, device=device)  # log a as applied
+    b = torch.empty(n, dtype=torch.float32, device=device)  # row scaling (relaxed)
+    b_ex = torch.empty(n, dtype=torch.float32, device=device)  # exact rows, set on checks
     error, converged, fresh = math.inf, False, True
+    omega, anchor = 1.0, (0, math.inf)  # over-relaxation and the (iteration, error) it saw
     it = 0
     for it in range(1, max_iters + 1):
-        # Rows (local): b_i = (1/N) / Σ_k P_ik a_k; P's row max is 1 and a ≥ e^-36: b finite.
-        # Columns: c_k = Σ_i b_i P_ik over all ranks — the one all_reduce of K numbers.
-        c = all_reduce_sum(_row_col_update(p, a, b, inv_n).to(torch.float64), group)  # [K]
-        log_a = -math.log(k) - c.clamp(min=_C_FLOOR).log()  # next column update, [K] f64
-        if fresh or it % check_every == 0 or it == max_iters:
-            err_t = (c * a.to(torch.float64) * k - 1.0).abs().max()
-            spread_t = log_a.max() - log_a.min()
+        check = fresh or it % check_every == 0 or it == max_iters
+        w = 1.0 if fresh else omega  # fresh: b is not a row scaling of this P yet
+        # Rows (local): b_ex_i = (1/N) / Σ_k P_ik a_k; P's row max is 1 and a ≥ e^-36: finite.
+        # Columns: c_k = Σ_i b_i P_ik over all ranks — the one all_reduce (K numbers; 2K on
+        # checks, whose second row holds the exact-row column sums that the error needs).
+        c = _sweep(p, a, b, b_ex, inv_n, w, check)  # [2, K] f32
+        c = all_reduce_sum((c if check else c[:1]).to(torch.float64), group)
+        target = -math.log(k) - c[0].clamp(min=_C_FLOOR).log()  # exact column step, [K] f64
+        nxt = target if w == 1.0 else torch.lerp(log_a, target, w)  # (1−ω) log a + ω target
+        if check:
+            err_t = (c[1] * a.to(torch.float64) * k - 1.0).abs().max()
+            spread_t = nxt.max() - nxt.min()
             error, spread = torch.stack([err_t, spread_t]).tolist()  # host-device sync
-            fresh = False
+            was_fresh, fresh = fresh, False
             if error < tol:
                 converged = True
                 break
@@ -220,17 +276,28 @@ def sinkhorn_knopp(
                 break
             if not spread <= _ABSORB:
                 # Scalings drifted (or a column underflowed): exact step, absorb it into P.
-                log_alpha0 = _exact_log_alpha(logits, z_max, lam, log_alpha0, m, b, p, group)
+                log_alpha0 = _exact_log_alpha(logits, z_max, lam, log_alpha0, m, b_ex, p, group)
                 p, m = _build_kernel(logits, z_max, lam, log_alpha0, p)
                 a.fill_(1.0)
+                log_a.zero_()
                 fresh = True
                 continue
-        log_a -= log_a.max()
-        a = log_a.clamp_(min=_LOG_A_FLOOR).exp_().to(torch.float32)
+            if it >= _OMEGA_WARMUP and not was_fresh:
+                if it - anchor[0] >= _OMEGA_WINDOW and math.isfinite(anchor[1]):
+                    omega = _next_omega(omega, (error / anchor[1]) ** (1.0 / (it - anchor[0])))
+                if it - anchor[0] >= _OMEGA_WINDOW or not math.isfinite(anchor[1]):
+                    anchor = (it, error)
+        # Gauge: keep max log a = 0 (a ≤ 1, no overflow in P @ a) and move the constant into b,
+        # so that the relaxed row step compares b_ex with a b of the same gauge.
+        shift = nxt.max()
+        log_a = (nxt - shift).clamp_(min=_LOG_A_FLOOR)
+        b.mul_(shift.exp().to(torch.float32))
+        a = log_a.exp().to(torch.float32)
 
-    # Q_ik = b_i P_ik a_k = exp(log b_i − M_i − λ z_max_i + λ z_ik + log α₀_k + log a_k).
+    # Q_ik = b_i P_ik a_k = exp(log b_i − M_i − λ z_max_i + λ z_ik + log α₀_k + log a_k),
+    # with the exact rows of the last (check) iteration.
     log_alpha = log_alpha0 + a.to(torch.float64).log()
-    log_beta = b.to(torch.float64).log() - m.to(torch.float64) - lam * z_max.to(torch.float64)
+    log_beta = b_ex.to(torch.float64).log() - m.to(torch.float64) - lam * z_max.to(torch.float64)
     labels = p.mul_(a[None, :]).argmax(dim=1) if n > 0 else torch.zeros(0, dtype=torch.int64)
     del p
     return SinkhornResult(
