@@ -1,4 +1,4 @@
-"""The ``selfclust`` command: shard, train, evaluate."""
+"""The ``selfclust`` command: shard, train, evaluate, probe."""
 
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(heads: list[dict[str, Any]], best: int | None) -> None:
+def _print_table(heads: list[dict[str, Any]], best: int | None, k_is_classes: bool = True) -> None:
     cols = ["acc", "nmi", "ari", "size_min", "size_max"]
+    if not k_is_classes:  # K != classes: majority-vote accuracy and adjusted MI are the fair ones
+        cols[3:3] = ["majority_acc", "ami"]
     print("head  " + "  ".join(f"{c:>8}" for c in cols))
     for h in heads:
         cells = []
@@ -59,16 +61,74 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"ACC {acc:.4f}  NMI {nmi:.4f}  ARI {summary['ari']:.4f}  (head {summary['best_head']})"
         )
     print(f"summary: {run_dir / 'summary.json'}")
+    _pictures(run_dir)
     return 0
+
+
+def _pictures(run_dir: Path, data: str | None = None) -> None:
+    """Gallery, cluster sizes and confusion matrix PNGs into the run dir (and W&B)."""
+    from selfclust.pictures import run_pictures
+
+    done = run_pictures(run_dir, data=data)
+    print(f"pictures: {', '.join(done['paths'].values())} ({done['wandb']})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfclust.evaluate import evaluate
 
     result = evaluate(args.target, data=args.data, batch_size=args.batch_size)
-    _print_table(result["heads"], result.get("best_head"))
+    _print_table(result["heads"], result.get("best_head"), result.get("k_equals_classes", True))
+    agree = result["head_agreement"]
+    if agree["pairs"]:
+        print(
+            f"agreement between heads: NMI mean {agree['nmi_mean']:.4f} min {agree['nmi_min']:.4f}"
+        )
     out = Path(args.out) if args.out else result["default_out"]
     result.pop("default_out")
+    _write_json(out, result)
+    print(f"wrote {out}")
+    if args.pictures:
+        if (Path(args.target) / "state.pt").is_file():
+            raise ValueError("--pictures needs a run dir (pictures are written into it)")
+        _pictures(Path(args.target), args.data)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from selfclust.probe import ProbeConfig, run_probe
+
+    cfg = ProbeConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        views=args.views,
+        crop_scale=args.crop_scale,
+        hflip=args.hflip,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+        knn_k=tuple(args.knn_k),
+        knn_temperature=args.knn_temperature,
+    )
+    result = run_probe(
+        args.target,
+        args.data,
+        args.eval_data,
+        cfg,
+        workers=args.workers,
+        image_size=args.image_size,
+    )
+    print(f"split: {result['split']}  ({result['num_train']} train / {result['num_eval']} eval)")
+    print(f"{'linear probe':<14}{'dim':>6}{'top-1':>9}{'top-5':>9}")
+    for stage, r in result["linear"].items():
+        print(f"{stage:<14}{r['dim']:>6}{r['top1']:>9.4f}{r['top5']:>9.4f}")
+    for k, r in result["knn"].items():
+        name = f"k-NN {k}"
+        print(f"{name:<14}{'':>6}{r['top1']:>9.4f}{r['top5']:>9.4f}")
+    target = Path(args.target)
+    default = Path("probe.json") if (target / "state.pt").is_file() else target / "probe.json"
+    out = Path(args.out) if args.out else default
     _write_json(out, result)
     print(f"wrote {out}")
     return 0
@@ -105,7 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="JSON output (default RUN_DIR/evaluation.json, or ./evaluation.json)"
     )
     e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument(
+        "--pictures", action="store_true", help="also (re)draw the run dir's PNGs (and log to W&B)"
+    )
     e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser(
+        "probe", help="linear probe per ResNet stage and weighted k-NN on frozen features"
+    )
+    pr.add_argument("target", help="a run dir or a checkpoint dir")
+    pr.add_argument("--data", help="labelled shards to train the probes on (default: run's train)")
+    pr.add_argument(
+        "--eval-data",
+        help="labelled shards to score on (default: a fixed stratified split of --data)",
+    )
+    pr.add_argument("--out", help="JSON output (default RUN_DIR/probe.json, or ./probe.json)")
+    pr.add_argument("--epochs", type=int, default=30)
+    pr.add_argument("--batch-size", type=int, default=256, help="global batch")
+    pr.add_argument("--lr", type=float, default=0.1)
+    pr.add_argument("--weight-decay", type=float, default=0.0)
+    pr.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    pr.add_argument("--views", type=int, default=3, help="embeddings per sample: clean + crops")
+    pr.add_argument("--crop-scale", type=float, default=0.6, help="crop area in [SCALE, 1]")
+    pr.add_argument("--hflip", type=float, help="flip probability of the crops (default: run's)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--eval-fraction", type=float, default=0.2, help="of the stratified split")
+    pr.add_argument("--knn-k", type=int, nargs="+", default=[20, 200])
+    pr.add_argument("--knn-temperature", type=float, default=0.07)
+    pr.add_argument("--image-size", type=int, help="resize images (default: the run's size)")
+    pr.add_argument(
+        "--workers", type=int, default=1, help="local gloo ranks, each embedding its own shards"
+    )
+    pr.set_defaults(func=cmd_probe)
     return p
 
 

@@ -1,4 +1,10 @@
-"""Scoring a model's clusters against ground truth, in training and from ``selfclust evaluate``."""
+"""Scoring a model's clusters against ground truth, in training and from ``selfclust evaluate``.
+
+Per head: NMI, ARI, ACC (Hungarian), and — the fair scores when K ≠ number of classes —
+majority-vote accuracy and adjusted mutual information (AMI); cluster sizes (min, max,
+normalised entropy); agreement between heads (pairwise NMI/ARI); and, from a run dir's
+``metrics.jsonl``, the fraction of labels changed at each relabel.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from selfclust.checkpoint import read_state
 from selfclust.config import RunConfig
 from selfclust.data import ShardSet, eval_batches
 from selfclust.labelling import embed, predictions
-from selfclust.metrics import clustering_scores, size_stats
+from selfclust.metrics import clustering_scores, head_agreement, size_stats
 from selfclust.model import SelfLabelNet
 
 
@@ -46,11 +52,24 @@ def score_model(
         if labelled:
             entry.update(clustering_scores(y, p))
         heads.append(entry)
-    return {"heads": heads, "num_samples": int(len(y)), "has_labels": labelled}
+    out: dict[str, Any] = {
+        "heads": heads,
+        "num_samples": int(len(y)),
+        "has_labels": labelled,
+        "clusters": clusters,
+        "head_agreement": head_agreement(preds),
+    }
+    if labelled:
+        out["num_classes"] = int(len(set(y.tolist())))
+        out["k_equals_classes"] = out["num_classes"] == clusters
+    return out
 
 
-def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512) -> dict[str, Any]:
-    """Load a run dir's final checkpoint (or a checkpoint dir) and score every head."""
+def load_run(
+    target: str | Path, data: str | None = None
+) -> tuple[SelfLabelNet, RunConfig, Path, dict]:
+    """A run dir (its final checkpoint) or a checkpoint dir → (model in eval mode, config,
+    checkpoint path, state). ``data`` only sets the input channels when given."""
     from selfclust.launcher import latest_checkpoint
 
     target = Path(target)
@@ -63,6 +82,34 @@ def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512)
     m = cfg.method
     model = SelfLabelNet(cfg.model, shards.channels, m.heads, m.clusters)
     model.load_state_dict(state["model"], strict=True)
+    return model.eval(), cfg, ckpt, state
+
+
+def label_changes(run_dir: Path) -> list[dict[str, Any]]:
+    """``label_change`` of every label update logged in ``metrics.jsonl`` (last attempt wins
+    for steps repeated after a restart)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    seen: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "label_change" in rec:
+            seen[int(rec["step"])] = {
+                "step": int(rec["step"]),
+                "event": rec.get("event"),
+                "label_change": rec["label_change"],
+            }
+    return [seen[k] for k in sorted(seen)]
+
+
+def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512) -> dict[str, Any]:
+    """Load a run dir's final checkpoint (or a checkpoint dir) and score every head."""
+    target = Path(target)
+    model, cfg, ckpt, state = load_run(target, data)
+    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train)
     result = score_model(
         model,
         shards,
@@ -81,5 +128,7 @@ def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512)
         result[key] = result["heads"][best].get(key)
     # Never write into a checkpoint dir: Ray prunes those (keep_last).
     is_ckpt = (target / "state.pt").is_file()
+    if not is_ckpt:
+        result["label_change"] = label_changes(target)
     result["default_out"] = Path("evaluation.json") if is_ckpt else target / "evaluation.json"
     return result
