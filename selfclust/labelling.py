@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from selfclust import collectives as C
 from selfclust.augment import normalize
+from selfclust.kmeans import assign, distributed_centroids, sample_pool
 from selfclust.sinkhorn import sinkhorn_knopp
 
 
@@ -144,47 +144,48 @@ def kmeans_labels(
     num_samples: int,
     l2_normalize: bool = True,
     group: Any = C.WORLD,
+    init_heads: nn.ModuleList | None = None,
+    niter: int = 25,
 ) -> torch.Tensor:
-    """Initial labels ``[T, n_r]`` by faiss k-means (one run per head, different seeds).
+    """Initial labels ``[T, n_r]`` by k-means (one run per head, seeds seed..seed+T−1).
 
     The sample is chosen by global index (a seeded permutation of 0..N-1, first ``samples``),
     so it is the same whatever the number of ranks; each rank sends only its part of it
-    (L2-normalised features), rank 0 runs k-means on the pool sorted by idx and broadcasts the
-    centroids, and each rank assigns its own rows.
+    (L2-normalised features), rank 0 runs k-means (faiss, GPU build if present, else the
+    torch fallback on CUDA; see :mod:`selfclust.kmeans`) and broadcasts the centroids, and
+    each rank assigns its own rows. With ``init_heads`` (linear heads on the same features)
+    each head is also set to score its centroids: see :func:`heads_from_centroids`.
     """
-    import faiss
-
-    f = emb.features.float().cpu()
+    f = emb.features.float()
     if l2_normalize:
         f = torch.nn.functional.normalize(f, dim=1)
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919))
-    position = torch.empty_like(order)
-    position[order] = torch.arange(num_samples)
-    mine = position[emb.idx] < samples
-    pool_idx = C.all_gather_cat(emb.idx[mine], group)  # int64: exact at any N
-    pool = C.all_gather_cat(f[mine], group)[torch.argsort(pool_idx)]
-    if len(pool) < clusters:
-        raise ValueError(
-            f"k-means needs at least K={clusters} sampled features, got {len(pool)}: raise "
-            "method.kmeans_samples or lower method.clusters"
-        )
-    d = f.shape[1]
-    centroids = torch.zeros(heads, clusters, d)
-    if C.rank(group) == 0:
-        x = np.ascontiguousarray(pool.numpy(), dtype=np.float32)
-        for t in range(heads):
-            km = faiss.Kmeans(d, clusters, niter=25, seed=seed + t, max_points_per_centroid=10**9)
-            km.train(x)
-            centroids[t] = torch.from_numpy(km.centroids)
-    C.broadcast(centroids, 0, group)
-    out = []
-    q = np.ascontiguousarray(f.numpy(), dtype=np.float32)
-    for t in range(heads):
-        index = faiss.IndexFlatL2(d)
-        index.add(np.ascontiguousarray(centroids[t].numpy()))
-        _, assign = index.search(q, 1)
-        out.append(torch.from_numpy(assign[:, 0]).long())
-    return torch.stack(out)
+    pool = sample_pool(f, emb.idx, num_samples, samples, seed, group)
+    centroids = distributed_centroids(pool, heads, clusters, seed, niter, f.device, group)
+    if init_heads is not None:
+        norms = emb.features.float().norm(dim=1).sum().cpu()
+        total = C.all_reduce_sum(torch.stack([norms, torch.tensor(float(len(f)))]), group)
+        heads_from_centroids(init_heads, centroids, float(total[0] / total[1]), l2_normalize)
+    return torch.stack([assign(f, centroids[t]) for t in range(heads)])
+
+
+@torch.no_grad()
+def heads_from_centroids(
+    heads: nn.ModuleList, centroids: torch.Tensor, feature_norm: float, normalized: bool
+) -> None:
+    """Set linear head t to ``z_k = c_k · f / s − ||c_k||² / 2`` (s = mean feature norm if the
+    centroids live on L2-normalised features, else 1): its argmax is the nearest centroid
+    (exactly for unnormalised centroids, for features of norm s otherwise), so the first
+    Sinkhorn pass starts from the k-means partition instead of random weights."""
+    s = feature_norm if normalized else 1.0
+    for head, c in zip(heads, centroids, strict=True):
+        linear = cast(nn.Linear, head)
+        if linear.weight.shape != c.shape:
+            raise ValueError(
+                f"cannot initialise a head of shape {tuple(linear.weight.shape)} from centroids "
+                f"{tuple(c.shape)}: k-means must run on the features the heads read"
+            )
+        linear.weight.copy_(c / s)
+        linear.bias.copy_(-0.5 * c.square().sum(dim=1))
 
 
 def random_bank(heads: int, num_samples: int, clusters: int, seed: int) -> torch.Tensor:

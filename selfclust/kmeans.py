@@ -1,0 +1,187 @@
+"""k-means for initial labels: faiss (GPU build if present, else CPU) or a torch fallback.
+
+Distributed use (:func:`distributed_centroids`): every rank contributes the rows of a sample
+chosen by *global* index (so the pool is the same whatever the number of ranks, and a rank
+sends at most its share of it), rank 0 clusters the pool (sorted by idx, hence deterministic),
+and the centroids are broadcast; each rank then assigns its own rows (:func:`assign`).
+
+Backends: ``faiss`` runs on the GPU only with the faiss-gpu build (``faiss.Kmeans(gpu=True)``
+silently falls back to the CPU with faiss-cpu, so we check ``faiss.get_num_gpus``); ``torch``
+is the fallback for CUDA machines without faiss-gpu (the faiss-gpu 1.15 wheel wants CUDA 12
+while PyPI torch ships CUDA 13) and works on the CPU too, which is how the tests check it.
+faiss subsamples to ``k * max_points_per_centroid`` points by default; we lift that limit,
+the caller bounds the pool instead. Never call this in a forked DataLoader worker: libgomp
+is not fork-safe after faiss has run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from selfclust import collectives as C
+
+Backend = Literal["auto", "faiss", "torch"]
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # [k, D] float32, CPU
+    objective: float  # Σ_i min_k ||x_i − c_k||² over the training points, final centroids
+    backend: str  # "faiss-cpu", "faiss-gpu" or "torch-<device>"
+
+
+def _faiss() -> Any:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+def faiss_gpus() -> int:
+    """Number of GPUs faiss can use (0 with the faiss-cpu build)."""
+    faiss = _faiss()
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def _check_not_in_loader_worker() -> None:
+    if torch.utils.data.get_worker_info() is not None:
+        raise RuntimeError(
+            "k-means called inside a DataLoader worker: faiss/OpenMP is not fork-safe; "
+            "run it in the training process"
+        )
+
+
+def _check_input(x: torch.Tensor, k: int, niter: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"k-means needs a 2-D [n, D] array, got shape {tuple(x.shape)}")
+    if not 2 <= k <= x.shape[0]:
+        raise ValueError(f"k-means needs 2 <= k <= n points, got k={k}, n={x.shape[0]}")
+    if niter < 1:
+        raise ValueError(f"niter must be >= 1, got {niter}")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise ValueError(f"k-means input has {bad} row(s) with NaN or inf: fix the features")
+
+
+def objective(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> float:
+    """Σ_i min_k ||x_i − c_k||² (float64 accumulation), computed in row chunks."""
+    c = centroids.to(x.device, torch.float32)
+    total = 0.0
+    for xb in x.float().split(chunk):
+        total += float(torch.cdist(xb, c).amin(dim=1).double().square().sum())
+    return total
+
+
+def kmeans_torch(
+    x: torch.Tensor, k: int, niter: int = 25, seed: int = 0, chunk: int = 16384
+) -> torch.Tensor:
+    """Lloyd's k-means in torch on ``x``'s device; returns centroids ``[k, D]`` float32.
+
+    Initialised like faiss (k distinct random points); an empty cluster takes half of the
+    largest one (its centroid, nudged apart), as faiss does. Assignment uses
+    ``||x||² − 2 x·c + ||c||²`` in row chunks: one [chunk, k] block alive at a time.
+    """
+    x = x.float()
+    n, d = x.shape
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()  # [k, D]
+    for _ in range(niter):
+        labels = assign_torch(x, c, chunk)
+        sums = torch.zeros_like(c).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp(min=1)[:, None])
+        for j in torch.nonzero(empty).flatten().tolist():  # rare: split the largest cluster
+            big = int(counts.argmax())
+            eps = 1.0 / 1024
+            c[j], c[big] = c[big] * (1 + eps), c[big] * (1 - eps)
+            counts[j] = counts[big] = counts[big] / 2
+    return c
+
+
+def assign_torch(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Nearest centroid per row, ``[n]`` int64, on x's device."""
+    c = c.to(x.device, torch.float32)
+    c_sq = c.square().sum(dim=1)  # [k]
+    out = [torch.addmm(c_sq, xb.float(), c.t(), alpha=-2.0).argmin(1) for xb in x.split(chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+
+
+def kmeans(
+    x: torch.Tensor, k: int, niter: int = 25, seed: int = 0, backend: Backend = "auto"
+) -> KMeansResult:
+    """Cluster all rows of ``x`` ([n, D]) into k clusters with ``niter`` Lloyd iterations.
+
+    ``auto``: faiss-gpu when x is on CUDA and faiss sees a GPU, the torch fallback on CUDA
+    otherwise, faiss on the CPU for CPU tensors.
+    """
+    _check_not_in_loader_worker()
+    _check_input(x, k, niter)
+    on_gpu = x.device.type == "cuda"
+    if backend == "auto":
+        backend = "faiss" if (not on_gpu or faiss_gpus() > 0) else "torch"
+    if backend == "torch":
+        c = kmeans_torch(x, k, niter, seed)
+        name = f"torch-{x.device.type}"
+    else:
+        faiss = _faiss()
+        gpu = on_gpu and faiss_gpus() > 0
+        xs = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        km = faiss.Kmeans(
+            x.shape[1], k, niter=niter, seed=seed, gpu=gpu, max_points_per_centroid=x.shape[0]
+        )
+        km.train(xs)
+        c = torch.from_numpy(km.centroids.copy())
+        name = "faiss-gpu" if gpu else "faiss-cpu"
+    return KMeansResult(c.float().cpu(), objective(x, c), name)
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid of every row of x: faiss (exact, BLAS) on the CPU, torch on CUDA."""
+    if x.device.type != "cpu":
+        return assign_torch(x, centroids).cpu()
+    faiss = _faiss()
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids.float().numpy()))
+    _, out = index.search(np.ascontiguousarray(x.float().numpy()), 1)
+    return torch.from_numpy(out[:, 0]).long()
+
+
+def sample_pool(
+    features: torch.Tensor, idx: torch.Tensor, num_samples: int, samples: int, seed: int, group: Any
+) -> torch.Tensor:
+    """Rows of a seeded global sample of ``min(samples, N)`` indices, sorted by idx.
+
+    Each rank sends only its rows of the sample (about ``samples · n_r / N``); the result is
+    the same on every rank and for every number of ranks.
+    """
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919))
+    position = torch.empty_like(order)
+    position[order] = torch.arange(num_samples)
+    mine = position[idx] < samples
+    pool_idx = C.all_gather_cat(idx[mine], group)  # int64: exact at any N
+    pool = C.all_gather_cat(features[mine.to(features.device)].float().cpu(), group)
+    return pool[torch.argsort(pool_idx)]
+
+
+def distributed_centroids(
+    pool: torch.Tensor, runs: int, k: int, seed: int, niter: int, device: torch.device, group: Any
+) -> torch.Tensor:
+    """``runs`` k-means solutions ``[runs, k, D]`` (seeds seed..seed+runs−1) computed on rank
+    0 (on ``device``: GPU when there is one) and broadcast to every rank of the group."""
+    if len(pool) < k:
+        raise ValueError(
+            f"k-means needs at least K={k} sampled features, got {len(pool)}: raise "
+            "method.kmeans_samples or lower method.clusters"
+        )
+    centroids = torch.zeros(runs, k, pool.shape[1])
+    if C.rank(group) == 0:
+        x = pool.to(device)
+        for t in range(runs):
+            centroids[t] = kmeans(x, k, niter=niter, seed=seed + t).centroids
+    return C.broadcast(centroids, 0, group)
