@@ -65,6 +65,16 @@ class MethodConfig(_Section):
     kmeans_samples: int = Field(
         100_000, ge=1, description="features sampled (over all ranks) for k-means"
     )
+    kmeans_iters: int = Field(25, ge=1, description="Lloyd iterations of the k-means init")
+    # init=kmeans only: also set each head to score its k-means centroids (the first labels
+    # are the k-means labels either way); the heads read the same pooled features.
+    kmeans_init_heads: bool = False
+
+    @model_validator(mode="after")
+    def _kmeans_heads(self) -> MethodConfig:
+        if self.kmeans_init_heads and self.init != "kmeans":
+            raise ValueError("kmeans_init_heads needs init=kmeans (heads read backbone features)")
+        return self
 
 
 class AugmentConfig(_Section):
