@@ -5,42 +5,50 @@ Every rank computes the same assignment from the manifest alone (no communicatio
 * The unit of assignment is a *piece*: normally one shard. When a set has fewer shards than
   ranks, every shard is split into ``ceil(world_size / num_shards)`` pieces (piece ``j`` of
   ``p`` keeps the shard's samples at positions ``j, j + p, ...``), so no rank is left empty.
-* :func:`assign_shards` orders the pieces (fixed order for the label pass, a ``(seed, epoch)``
-  permutation for training) and deals each to the rank with the fewest samples so far.
+* :func:`assign_shards` orders the pieces (fixed order for the label pass; for training a
+  global ``(seed, epoch)`` permutation *before* the rank split, so shards move between ranks
+  from epoch to epoch) and deals each to the rank with the fewest samples so far.
 * Within a rank, pieces are dealt to loader workers the same way, and the epoch's
   ``steps_per_epoch`` batches are split between workers in proportion to their samples.
   A worker whose pieces hold fewer samples than its batches need reads them again
   (re-permuted); one with more drops the surplus. So every rank yields exactly the same
   number of batches and DDP never waits on a rank that ran dry.
 
-Samples carry their global ``idx``; batches are ``(images uint8 [B,C,H,W], idx int64 [B])``.
+Bad data never changes the number of batches: an unreadable shard is skipped (the worker reads
+its other pieces again), and in training a corrupt image's slot is filled with another sample
+of the same batch. Both are counted in the iterators' :class:`~selfclust.reader.DataStats`.
 """
 
 from __future__ import annotations
 
 import heapq
-import io
 import itertools
+import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from selfclust.shards import _is_url, load_manifest
+from selfclust.augment import LoaderAugment
+from selfclust.config import AugmentConfig
+from selfclust.reader import DataStats, decode, read_shard
+from selfclust.shards import load_manifest
+from selfclust.urls import DEFAULT_TIMEOUT_S, parse_spec
 
-_META = frozenset({"idx", "cls"})
+log = logging.getLogger("selfclust.data")
+T = TypeVar("T")
 
 
 @dataclass
 class ShardSet:
-    """A shard directory (or http(s) URL base) opened through its manifest."""
+    """A shard set opened through its manifest (see :mod:`selfclust.urls` for the specs)."""
 
     root: str
     manifest: dict
@@ -49,6 +57,12 @@ class ShardSet:
     num_samples: int
     classes: list[str] | None
     image: dict | None
+    first_idx: list[int] | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.first_idx is None:
+            self.first_idx = [int(s["first_idx"]) for s in self.manifest["shards"]]
 
     @property
     def channels(self) -> int:
@@ -56,24 +70,33 @@ class ShardSet:
         return int(self.image["channels"] if self.image else self.manifest["channels"])
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ShardSet:
-        """Open a local shard directory or an http(s) URL base; validates the manifest."""
-        path = str(path)
-        manifest = load_manifest(path)
-        if _is_url(path):
-            root = path.rstrip("/")
-            urls = [f"{root}/{s['name']}" for s in manifest["shards"]]
-        else:
-            root = str(Path(path).resolve())
-            urls = [str(Path(root) / s["name"]) for s in manifest["shards"]]
+    def open(cls, spec: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S) -> ShardSet:
+        """Open a local shard dir, an http(s) base URL, a ``pipe:...{name}...`` command or a
+        brace pattern of shard names; validates the manifest."""
+        text = str(spec)
+        s = parse_spec(text)
+        if s.is_local and not s.manifest_url.endswith(".json"):
+            s = parse_spec(str(Path(text).resolve()))
+        manifest = load_manifest(s.manifest_url, timeout_s)
+        names = [sh["name"] for sh in manifest["shards"]]
+        if s.names is not None and sorted(s.names) != sorted(names):
+            extra = sorted(set(s.names) - set(names))[:3]
+            missing = sorted(set(names) - set(s.names))[:3]
+            raise ValueError(
+                f"{text} must name exactly the {len(names)} shards of {s.manifest_url} "
+                f"(the label pass needs every sample); not in the manifest: {extra}, "
+                f"not in the pattern: {missing}"
+            )
+        root = s.prefix.rstrip("/") if s.is_local and not s.suffix else text
         return cls(
             root=root,
             manifest=manifest,
-            urls=urls,
-            counts=[int(s["count"]) for s in manifest["shards"]],
+            urls=[s.url(n) for n in names],
+            counts=[int(sh["count"]) for sh in manifest["shards"]],
             num_samples=int(manifest["num_samples"]),
             classes=manifest.get("classes"),
             image=manifest.get("image"),
+            timeout_s=timeout_s,
         )
 
 
@@ -125,6 +148,8 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
 @dataclass(frozen=True)
 class _Piece:
     url: str
+    first_idx: int
+    shard_count: int
     part: int  # keeps the shard's samples at positions part, part + nparts, ...
     nparts: int
     count: int
@@ -132,57 +157,19 @@ class _Piece:
 
 def _pieces(shards: ShardSet, world_size: int) -> list[_Piece]:
     nparts = -(-world_size // len(shards.urls))  # ceil: at least one piece per rank
+    assert shards.first_idx is not None
     pieces = [
-        _Piece(url, j, nparts, len(range(j, count, nparts)))
-        for url, count in zip(shards.urls, shards.counts, strict=True)
+        _Piece(url, first, count, j, nparts, len(range(j, count, nparts)))
+        for url, first, count in zip(shards.urls, shards.first_idx, shards.counts, strict=True)
         for j in range(nparts)
     ]
     return [p for p in pieces if p.count > 0]
 
 
-def _read(piece: _Piece) -> Iterator[dict]:
-    samples = wds.tarfile_samples([{"url": piece.url}])
-    if piece.nparts == 1:
-        yield from samples
-    else:
-        yield from itertools.islice(samples, piece.part, None, piece.nparts)
-
-
-def _decode(sample: dict, channels: int, image_size: int | None) -> tuple[np.ndarray, int, int]:
-    """One sample → (image uint8 [H,W,C], idx, cls or -1)."""
-    fields = [k for k in sample if not k.startswith("__") and k not in _META]
-    if len(fields) != 1:
-        raise ValueError(
-            f"sample {sample['__key__']} in {sample.get('__url__')} has image "
-            f"fields {fields}; expected exactly one"
-        )
-    with Image.open(io.BytesIO(sample[fields[0]])) as f:
-        im: Image.Image = f
-        target = "L" if channels == 1 else "RGB"  # every image of a set gets the same channels
-        if im.mode != target:
-            im = im.convert(target)
-        if image_size is not None and im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    idx = int(sample["idx"]) if "idx" in sample else int(sample["__key__"])
-    cls = int(sample["cls"]) if "cls" in sample else -1
-    return arr, idx, cls
-
-
-def _collate(decoded: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, ...]:
-    arrays = [d[0] for d in decoded]
-    if any(a.shape != arrays[0].shape for a in arrays):
-        shapes = sorted({a.shape for a in arrays})
-        raise ValueError(
-            f"images of different sizes in one batch ({shapes[:3]}); "
-            "pass image_size to resize them to a common size"
-        )
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    idx = torch.tensor([d[1] for d in decoded], dtype=torch.int64)
-    cls = torch.tensor([d[2] for d in decoded], dtype=torch.int64)
-    return images, idx, cls
+def _read(piece: _Piece, stats: DataStats, timeout_s: float) -> Iterator[dict]:
+    return read_shard(
+        piece.url, stats, piece.first_idx, piece.shard_count, piece.part, piece.nparts, timeout_s
+    )
 
 
 def _seed(*parts: int) -> int:
@@ -207,17 +194,90 @@ def _worker_order(steps: list[int]) -> list[int]:
     return [q for r in range(max(steps, default=0)) for q in range(len(steps)) if steps[q] > r]
 
 
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, C] arrays → [B, C, H, W]."""
+    if any(a.shape != arrays[0].shape for a in arrays):
+        shapes = sorted({a.shape for a in arrays})
+        raise ValueError(
+            f"images of different sizes in one batch ({shapes[:3]}); "
+            "pass image_size to resize them to a common size"
+        )
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class _Decoder:
+    """Turns raw samples into one batch: decode only (device augmentation later), or decode +
+    crop + colour in the loader (``aug``)."""
+
+    def __init__(self, channels: int, image_size: int | None, aug: LoaderAugment | None):
+        self.channels, self.image_size, self.aug = channels, image_size, aug
+
+    def one(self, sample: dict) -> tuple[Any, ...] | None:
+        if self.aug is not None:
+            return self.aug.sample(sample)
+        return decode(sample, self.channels, self.image_size)
+
+    def batch(
+        self, items: list[tuple[Any, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """→ (images, idx int64 [B], cls int64 [B])."""
+        if self.aug is not None:
+            views, params = (
+                torch.stack([it[0] for it in items]),
+                torch.stack([it[1] for it in items]),
+            )
+            images = self.aug.batch(views, params)
+        else:
+            images = _stack([it[0] for it in items])
+        idx = torch.tensor([it[-2] for it in items], dtype=torch.int64)
+        cls = torch.tensor([it[-1] for it in items], dtype=torch.int64)
+        return images, idx, cls
+
+
+class Batches(Generic[T]):
+    """An epoch's batches (iterate once) plus ``stats``: the bad data met so far, summed over
+    this rank's loader workers (each worker sends its running counts with every batch)."""
+
+    def __init__(self, messages: Iterator[tuple[Any, int, DataStats | None]], unpack: Callable):
+        self._messages, self._unpack = messages, unpack
+        self._per_worker: dict[int, DataStats] = {}
+        self._gen = self._run()
+
+    @property
+    def stats(self) -> DataStats:
+        total = DataStats()
+        for s in self._per_worker.values():
+            total.add(s)
+        return total
+
+    def _run(self) -> Iterator[T]:
+        for payload, role, stats in self._messages:
+            if stats is not None:
+                old = self._per_worker.get(role, DataStats()).bad_shards
+                for url in sorted(set(stats.bad_shards) - set(old)):
+                    log.warning("skipped the rest of shard %s: %s", url, stats.bad_shards[url])
+                self._per_worker[role] = stats
+            if payload is not None:
+                yield self._unpack(payload, role)
+
+    def __iter__(self) -> Batches[T]:
+        return self
+
+    def __next__(self) -> T:
+        return next(self._gen)
+
+
 class _TrainStream(IterableDataset):
     """Batches of one rank; loader worker ``k`` plays role ``(k + rotate) % roles``."""
 
     def __init__(
-        self, roles, steps, skips, rotate, batch_size, key, shuffle_buffer, channels, image_size
+        self, roles, steps, skips, rotate, batch_size, key, shuffle_buffer, decoder, timeout_s
     ):
         self.roles, self.steps, self.skips, self.rotate = roles, steps, skips, rotate
         self.batch_size, self.key, self.shuffle_buffer = batch_size, key, shuffle_buffer
-        self.channels, self.image_size = channels, image_size
+        self.decoder, self.timeout_s = decoder, timeout_s
 
-    def _samples(self, role: int) -> Iterator[dict]:
+    def _samples(self, role: int, stats: DataStats) -> Iterator[dict]:
         """The worker's samples, pass after pass. Each pass is shuffled on its own, so pass 0
         yields every sample once before any repeats (a buffer larger than a worker's share
         must not pull the refill pass forward)."""
@@ -228,28 +288,57 @@ class _TrainStream(IterableDataset):
             if cycle > 0:  # refill a short worker: the same pieces again, freshly permuted
                 rng_pass = np.random.default_rng(_seed(*self.key, role, cycle))
                 order = rng_pass.permutation(len(pieces)).tolist()
-            one_pass = (s for i in order for s in _read(pieces[i]))
+            got = 0
+            one_pass = (s for i in order for s in _read(pieces[i], stats, self.timeout_s))
             if self.shuffle_buffer > 1:
                 size = self.shuffle_buffer
                 one_pass = wds.filters._shuffle(one_pass, size, size, rng)
-            yield from one_pass
+            for sample in one_pass:
+                got += 1
+                yield sample
+            if got == 0:  # every piece unreadable: fail instead of looping forever
+                raise RuntimeError(
+                    "no shard of this loader worker could be read: "
+                    f"{sorted(stats.bad_shards.items())[:3]}"
+                )
 
     def __iter__(self):
         info = get_worker_info()
         role = ((info.id if info else 0) + self.rotate) % len(self.roles)
-        stream = self._samples(role)
+        stats = DataStats()
+        stream = self._samples(role, stats)
         b = self.batch_size
         stream = itertools.islice(stream, self.skips[role] * b, self.steps[role] * b)
+        last_good: tuple | None = None
         for _ in range(self.steps[role] - self.skips[role]):
-            batch = [
-                _decode(s, self.channels, self.image_size) for s in itertools.islice(stream, b)
-            ]
-            images, idx, _ = _collate(batch)
-            yield images, idx, role
+            raw = list(itertools.islice(stream, b))
+            items = [self.decoder.one(s) for s in raw]
+            good = [it for it in items if it is not None]
+            stats.corrupt_images += len(items) - len(good)
+            if not good:
+                if last_good is None:
+                    raise RuntimeError(
+                        f"none of the {b} images of a batch decoded "
+                        f"(from {raw[0].get('__url__')}); "
+                        "check the shards with `selfclust shard --verify --decode`"
+                    )
+                good = [last_good]
+            last_good = good[-1]
+            # A corrupt image's slot takes the next good sample of the batch: the batch keeps
+            # its size and its position in the epoch, so skip_steps stays exact.
+            filled = [it if it is not None else good[k % len(good)] for k, it in enumerate(items)]
+            images, idx, _ = self.decoder.batch(filled)
+            yield (images, idx), role, stats.copy()
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+    )
 
 
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
@@ -270,13 +359,21 @@ def train_batches(
     shuffle_buffer: int = 1000,
     skip_steps: int = 0,
     image_size: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader_augment: AugmentConfig | None = None,
+    views: int = 1,
+    pin_memory: bool = False,
+) -> Batches[tuple[torch.Tensor, torch.Tensor]]:
     """One training epoch of this rank: exactly ``steps_per_epoch(...) - skip_steps`` batches
     ``(images uint8 [B,C,H,W], idx int64 [B])`` on every rank.
 
     The sequence is a pure function of (shard set, rank, world_size, batch_size, seed, epoch,
     num_workers, shuffle_buffer); ``skip_steps=s`` yields its tail from batch ``s`` on without
     decoding the skipped batches (mid-epoch resume).
+
+    ``loader_augment``: augment in the loader workers instead (see
+    :class:`~selfclust.augment.LoaderAugment`); images are then the augmented uint8 crops of
+    size ``image_size`` (default: the manifest's uniform size), ``[V, B, C, s, s]`` when
+    ``views > 1``. The returned :class:`Batches` carries the bad-data counts in ``.stats``.
     """
     _check_rank(rank, world_size, batch_size)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0:
@@ -286,6 +383,17 @@ def train_batches(
     steps = steps_per_epoch(shards.num_samples, world_size, batch_size)
     if not 0 <= skip_steps <= steps:
         raise ValueError(f"skip_steps must be in [0, {steps}], got {skip_steps}")
+    aug = None
+    if loader_augment is not None:
+        size = image_size
+        if size is None and shards.image and shards.image["height"] == shards.image["width"]:
+            size = int(shards.image["height"])
+        if size is None:
+            raise ValueError(
+                "loader augmentation needs an output size: set data.image_size "
+                "(the images of this shard set are not all the same square size)"
+            )
+        aug = LoaderAugment(loader_augment, seed, epoch, size, views, shards.channels)
     pieces = _pieces(shards, world_size)
     mine = [
         pieces[i] for i in assign_shards([p.count for p in pieces], world_size, seed, epoch)[rank]
@@ -303,45 +411,53 @@ def train_batches(
     skips = [order[:skip_steps].count(q) for q in range(n_roles)]
     rotate = order[skip_steps] if skip_steps < steps else 0
     key = (seed, epoch, rank, world_size, n_roles)
+    decoder = _Decoder(shards.channels, image_size, aug)
     dataset = _TrainStream(
-        roles,
-        role_steps,
-        skips,
-        rotate,
-        batch_size,
-        key,
-        shuffle_buffer,
-        shards.channels,
-        image_size,
+        roles, role_steps, skips, rotate, batch_size, key, shuffle_buffer, decoder, shards.timeout_s
     )
-    loader = _loader(dataset, n_roles if num_workers > 0 else 0)
+    loader = _loader(dataset, n_roles if num_workers > 0 else 0, pin_memory)
+    expected = iter(order[skip_steps:])
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        expected = iter(order[skip_steps:])
-        for images, idx, role in loader:
-            # The resume arithmetic above relies on DataLoader's round-robin over workers.
-            if role != next(expected, None):
-                raise RuntimeError("DataLoader returned worker batches out of round-robin order")
-            yield images, idx
+    def unpack(payload: tuple[torch.Tensor, torch.Tensor], role: int):
+        # The resume arithmetic above relies on DataLoader's round-robin over workers.
+        if role != next(expected, None):
+            raise RuntimeError("DataLoader returned worker batches out of round-robin order")
+        return payload
+
+    def messages():
+        yield from loader
         if next(expected, None) is not None:
             raise RuntimeError("a loader worker stopped early: fewer batches than planned")
 
-    return batches()
+    return Batches(messages(), unpack)
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, roles, batch_size, channels, image_size):
-        self.roles, self.batch_size = roles, batch_size
-        self.channels, self.image_size = channels, image_size
+    def __init__(self, roles, batch_size, decoder, timeout_s):
+        self.roles, self.batch_size, self.decoder, self.timeout_s = (
+            roles,
+            batch_size,
+            decoder,
+            timeout_s,
+        )
 
     def __iter__(self):
         info = get_worker_info()
-        stream = (s for p in self.roles[info.id if info else 0] for s in _read(p))
-        while batch := [
-            _decode(s, self.channels, self.image_size)
-            for s in itertools.islice(stream, self.batch_size)
-        ]:
-            yield _collate(batch)
+        role = info.id if info else 0
+        stats = DataStats()
+        stream = (s for p in self.roles[role] for s in _read(p, stats, self.timeout_s))
+        items: list[tuple] = []
+        for sample in stream:
+            item = self.decoder.one(sample)
+            if item is None:
+                stats.corrupt_images += 1  # left out: the label pass must not see it twice
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self.decoder.batch(items), role, stats.copy()
+                items = []
+        # The last message always carries the final counts, even without a batch.
+        yield (self.decoder.batch(items) if items else None), role, stats.copy()
 
 
 def eval_batches(
@@ -351,38 +467,40 @@ def eval_batches(
     batch_size: int,
     num_workers: int = 0,
     image_size: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Batches[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Every sample of this rank's shards once, unshuffled: ``(images uint8 [b,C,H,W],
     idx int64 [b], cls int64 [b] with -1 where unknown)``. Only the last batch may be short.
-    Over all ranks every idx in 0..N-1 appears exactly once."""
+    Over all ranks every idx in 0..N-1 appears exactly once, except bad data, which is left
+    out and counted in ``.stats`` (so seen + ``stats.skipped`` over all ranks is N)."""
     _check_rank(rank, world_size, batch_size)
     pieces = _pieces(shards, world_size)
     mine = [pieces[i] for i in assign_shards([p.count for p in pieces], world_size, 0, None)[rank]]
     n_roles = max(1, min(num_workers, len(mine)))
     deal = _deal([p.count for p in mine], list(range(len(mine))), n_roles)
+    decoder = _Decoder(shards.channels, image_size, None)
     dataset = _EvalStream(
-        [[mine[i] for i in d] for d in deal], batch_size, shards.channels, image_size
+        [[mine[i] for i in d] for d in deal], batch_size, decoder, shards.timeout_s
     )
     loader = _loader(dataset, n_roles if num_workers > 0 and mine else 0)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def recut() -> Iterator[tuple[Any, int, DataStats | None]]:
+        # Each worker's last batch may be short: re-cut so that only the final one is.
         if not mine:
             return
-        if n_roles == 1:
-            yield from loader
-            return
-        # Each worker's last batch may be short: re-cut so that only the final one is.
         held: list[tuple[torch.Tensor, ...]] = []
         size = 0
-        for batch in loader:
+        for batch, role, stats in loader:
+            if batch is None:
+                yield None, role, stats
+                continue
             held.append(batch)
             size += len(batch[1])
             while size >= batch_size:
                 cat = [torch.cat(t) for t in zip(*held, strict=True)]
-                yield tuple(t[:batch_size] for t in cat)  # type: ignore[misc]
+                yield tuple(t[:batch_size] for t in cat), role, stats
                 held = [tuple(t[batch_size:] for t in cat)]
                 size -= batch_size
         if size:
-            yield tuple(torch.cat(t) for t in zip(*held, strict=True))  # type: ignore[misc]
+            yield tuple(torch.cat(t) for t in zip(*held, strict=True)), 0, None
 
-    return batches()
+    return Batches(recut(), lambda payload, role: payload)

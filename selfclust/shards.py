@@ -2,34 +2,35 @@
 
 A shard directory holds ``shard-000000.tar``, ``shard-000001.tar``, ... and ``manifest.json``.
 Each sample in a shard has ``__key__`` = the zero-padded global index (``f"{idx:09d}"``), one
-image field named by its encoding (``png`` for array sources, the file's own extension for
-image folders), ``idx`` (text int, 0..N-1 in source order) and, when the class is known,
-``cls`` (text int; used for evaluation only, never for training).
+image field named by its encoding (``png``/``jpg`` when encoded here, the file's own extension
+when file bytes are kept), ``idx`` (text int, 0..N-1 in source order) and, when the class is
+known, ``cls`` (text int; used for evaluation only, never for training).
 
 The manifest records::
 
     {"format": "selfclust-shards/1", "num_samples": N,
-     "shards": [{"name", "count", "sha256", "first_idx"}, ...],
+     "shards": [{"name", "count", "sha256", "first_idx", "bytes"}, ...],
      "classes": [names] | null, "image": {"height", "width", "channels"} | null,
-     "channels": 1 | 3, "source": "..."}
+     "channels": 1 | 3, "source": "kind:path", "source_info": {...}, "writer": {...}}
 
 ``image`` is set when every image has the same size and channel count; ``channels`` (1 for
 grayscale, 3 for colour) is always set and is what readers convert every image to.
-Shard ``i`` holds the idx range ``first_idx .. first_idx + count - 1`` in order.
+Shard ``i`` holds the idx range ``first_idx .. first_idx + count - 1`` in order. Shards are
+cut at ``shard_size`` samples or before exceeding ``shard_bytes``, whichever comes first; the
+output is the same whatever the number of writer processes.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
-import urllib.request
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,29 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
+from selfclust.reader import _samples
+from selfclust.sources import BUILTIN, Source, encode_parallel, resolve_source
+from selfclust.upload import Uploader
+from selfclust.urls import (
+    DEFAULT_TIMEOUT_S,
+    MANIFEST,
+    ShardNotFound,
+    open_url,
+    parse_spec,
+    read_url,
+)
+
+__all__ = ["BUILTIN", "MANIFEST", "load_manifest", "verify_shards", "write_shards"]
+
 FORMAT = "selfclust-shards/1"
-MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
-BUILTIN = {"mnist_test": Path(__file__).parent / "data" / "mnist_test"}
 # Pillow modes that stay one channel; every other mode is converted to RGB.
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-ARRAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95})}
+ENCODINGS = ("keep", "png", "jpeg")
+ARRAY_FORMATS = ("png", "jpg")
 _TAR_MTIME = 0  # fixed member mtime, so the same source gives byte-identical shards
 _SHARD_HELP = "create one with `selfclust shard SOURCE OUT`"
+_BAD_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
 
 
 def channels_for_mode(mode: str) -> int:
@@ -53,197 +68,56 @@ def channels_for_mode(mode: str) -> int:
     return 1 if mode in GRAY_MODES else 3
 
 
-@dataclass
-class _Source:
-    """A resolved SOURCE: ``samples()`` yields (image field, encoded bytes, class or None)."""
+def encode_item(raw: tuple, opts: dict[str, Any]) -> tuple[str, bytes, tuple[int, int, int]]:
+    """One source item → (image field, bytes, (h, w, channels)), re-encoded/resized as asked.
 
-    description: str
-    num_samples: int
-    classes: list[str] | None
-    samples: Any  # () -> Iterator[tuple[str, bytes, int | None]]
-    shapes: set[tuple[int, int, int]] = field(default_factory=set)  # filled while writing
-
-
-def _parse_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) holding unsigned bytes."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    File bytes are decoded fully even when kept, so a broken file fails here, not in training.
+    """
+    where = raw[3] if raw[0] == "bytes" else "an array image"
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read IDX file {path}: {e}") from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = data[3]
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"IDX file {path} is truncated: header says {dims}, got {body.size} bytes")
-    return body.reshape(dims)
-
-
-def _check_arrays(x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    x = np.asarray(x)
-    if x.dtype != np.uint8:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if raw[0] == "bytes":
+                im = Image.open(io.BytesIO(raw[2]))
+                src_format = im.format
+            else:
+                im = Image.fromarray(raw[1]) if raw[0] == "array" else raw[1]
+                src_format = None
+            side = opts["max_side"]
+            if side and max(im.size) > side:
+                im.thumbnail((side, side), Image.Resampling.BICUBIC)  # JPEG: DCT-scaled decode
+                resized = True
+            else:
+                im.load()
+                resized = False
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(
-            f"{where}: x must be uint8 images, got dtype {x.dtype}; "
-            "scale to 0..255 and cast with x.astype(np.uint8)"
-        )
-    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (1, 3)):
+            f"refused image file {where}: {e}; it is a decompression bomb (or needs "
+            "PIL.Image.MAX_IMAGE_PIXELS raised)"
+        ) from e
+    except _BAD_IMAGE as e:
         raise ValueError(
-            f"{where}: x must have shape (N, H, W) or (N, H, W, C) with C in (1, 3), got {x.shape}"
+            f"unreadable image file {where}: {e}; remove or replace it and shard again"
+        ) from e
+    channels = channels_for_mode(im.mode)
+    encode = opts["encode"]
+    if raw[0] == "bytes" and encode == "keep" and not resized:
+        return raw[1], raw[2], (im.height, im.width, channels)
+    if encode == "keep":  # arrays: the array format; resized files: their own kind
+        fmt = (
+            opts["array_format"]
+            if raw[0] != "bytes"
+            else ("jpg" if src_format == "JPEG" else "png")
         )
-    if x.shape[0] == 0:
-        raise ValueError(f"{where}: the dataset is empty (x has 0 images)")
-    if x.ndim == 4 and x.shape[3] == 1:
-        x = x[..., 0]
-    if y is None:
-        return x, None
-    y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{where}: y must have one label per image: x has {x.shape[0]} images, "
-            f"y has shape {y.shape}"
-        )
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{where}: y must hold integer class ids, got dtype {y.dtype}")
-    return x, y.astype(np.int64)
-
-
-def _array_source(x: np.ndarray, y: np.ndarray | None, description: str, fmt: str) -> _Source:
-    if fmt not in ARRAY_FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(ARRAY_FORMATS)}, got {fmt!r}")
-    pil_format, options = ARRAY_FORMATS[fmt]
-    src = _Source(description, int(x.shape[0]), None, None)
-    channels = 1 if x.ndim == 3 else 3
-    src.shapes.add((int(x.shape[1]), int(x.shape[2]), channels))
-
-    def samples() -> Iterator[tuple[str, bytes, int | None]]:
-        for i in range(x.shape[0]):
-            buf = io.BytesIO()
-            Image.fromarray(x[i]).save(buf, format=pil_format, **options)
-            # A negative label means "unknown" for that sample: no cls field.
-            cls = None if y is None or y[i] < 0 else int(y[i])
-            yield fmt, buf.getvalue(), cls
-
-    src.samples = samples
-    return src
-
-
-def _npz_source(path: Path, fmt: str) -> _Source:
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            if "x" not in d.files:
-                raise ValueError(
-                    f"{path}: an .npz source needs an array 'x' of uint8 images "
-                    f"(and optionally labels 'y'); it holds {sorted(d.files)}"
-                )
-            x, y = d["x"], d["y"] if "y" in d.files else None
-    except (OSError, EOFError) as e:  # np.load raises these for a corrupt file
-        raise ValueError(f"cannot read {path} as an .npz file: {e}") from e
-    x, y = _check_arrays(x, y, str(path))
-    return _array_source(x, y, f"npz:{path}", fmt)
-
-
-def _idx_source(images: Path, fmt: str, description: str | None = None) -> _Source:
-    x = _parse_idx(images)
-    name = images.name
-    label_name = name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
-    labels = images.with_name(label_name)
-    y = _parse_idx(labels) if label_name != name and labels.is_file() else None
-    x, y = _check_arrays(x, y, str(images))
-    return _array_source(x, y, description or f"idx:{images}", fmt)
-
-
-def _idx_dir_source(root: Path, fmt: str, description: str | None = None) -> _Source:
-    found = sorted(p for p in root.iterdir() if p.is_file() and "idx3-ubyte" in p.name)
-    if len(found) != 1:
-        names = [p.name for p in found]
-        raise ValueError(
-            f"{root} must hold exactly one IDX images file (*idx3-ubyte[.gz]), found {names}; "
-            "pass the images file itself as SOURCE"
-        )
-    return _idx_source(found[0], fmt, description)
-
-
-def _readable_extensions() -> dict[str, str]:
-    """File extension ('.jpg') → Pillow format, for the formats Pillow can open."""
-    Image.init()
-    return {ext: f for ext, f in Image.registered_extensions().items() if f in Image.OPEN}
-
-
-def _folder_source(root: Path) -> _Source:
-    exts = _readable_extensions()
-
-    def images_under(d: Path) -> list[Path]:
-        return sorted(
-            p
-            for p in d.rglob("*")
-            if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
-        )
-
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
-    if subdirs and top:
-        raise ValueError(
-            f"{root} mixes image files ({top[0].name}, ...) with class subfolders; put every "
-            "image in a class subfolder (or use only top-level images for an unlabelled set)"
-        )
-    files: list[tuple[Path, int | None]]
-    if subdirs:
-        classes: list[str] | None = [d.name for d in subdirs]
-        files = [(p, c) for c, d in enumerate(subdirs) for p in images_under(d)]
     else:
-        classes = None
-        files = [(p, None) for p in images_under(root)]
-    if not files:
-        raise ValueError(
-            f"no image files found under {root}; expected class subfolders holding images "
-            f"readable by Pillow (e.g. {', '.join(sorted(exts)[:8])}, ...)"
-        )
-    src = _Source(f"imagefolder:{root}", len(files), classes, None)
-
-    def samples() -> Iterator[tuple[str, bytes, int | None]]:
-        for path, cls in files:
-            data = path.read_bytes()
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()  # decode fully: a truncated file fails here, not mid-training
-                    src.shapes.add((im.height, im.width, channels_for_mode(im.mode)))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise ValueError(
-                    f"unreadable image file {path}: {e}; remove or replace it and shard again"
-                ) from e
-            yield path.suffix.lower().lstrip("."), data, cls
-
-    src.samples = samples
-    return src
-
-
-def _resolve_source(source: str | os.PathLike, image_format: str = "png") -> _Source:
-    """Work out what kind of SOURCE ``source`` is (see :func:`write_shards`)."""
-    text = str(source)
-    path = Path(source)
-    if text in BUILTIN and not path.exists():
-        return _idx_dir_source(BUILTIN[text], image_format, f"builtin:{text}")
-    if not path.exists():
-        raise FileNotFoundError(
-            f"source {text} does not exist; give an .npz file, an IDX images file "
-            f"(*idx3-ubyte.gz), an image-folder directory or a built-in name ({', '.join(BUILTIN)})"
-        )
-    path = path.resolve()
-    if path.is_file() and path.suffix == ".npz":
-        return _npz_source(path, image_format)
-    if path.is_file() and "idx3-ubyte" in path.name:
-        return _idx_source(path, image_format)
-    if path.is_dir():
-        if any(p.is_file() and "idx3-ubyte" in p.name for p in path.iterdir()):
-            return _idx_dir_source(path, image_format)
-        return _folder_source(path)
-    raise ValueError(
-        f"unknown source kind: {path}; expected an .npz file with x/y, an IDX images file "
-        f"(*idx3-ubyte[.gz]), an image-folder directory or a built-in name ({', '.join(BUILTIN)})"
-    )
+        fmt = "jpg" if encode == "jpeg" else "png"
+    im = im.convert("L" if channels == 1 else "RGB") if im.mode not in ("L", "RGB") else im
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        im.save(buf, format="JPEG", quality=opts["quality"])
+    else:
+        im.save(buf, format="PNG")
+    return fmt, buf.getvalue(), (im.height, im.width, channels)
 
 
 def _sha256(path: Path) -> str:
@@ -286,6 +160,7 @@ class _ShardFile:
     """One shard being written: a TarWriter over a file that is fsynced when closed."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.stream = open(path, "wb")
         self.writer = wds.TarWriter(self.stream, mtime=_TAR_MTIME)
 
@@ -296,27 +171,56 @@ class _ShardFile:
         self.stream.close()
 
 
-def _write_into(src: _Source, tmp: Path, shard_size: int) -> list[dict]:
+def _tar_bytes(sample: dict) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per field, data padded to 512."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+
+
+def _write_into(
+    encoded: Iterator[tuple[str, bytes, tuple[int, int, int], int | None]],
+    tmp: Path,
+    shard_size: int,
+    shard_bytes: int | None,
+    shapes: set[tuple[int, int, int]],
+    uploader: Uploader | None,
+) -> list[dict]:
     shards: list[dict] = []
     current: _ShardFile | None = None
+    size = 0
+
+    def finish(f: _ShardFile) -> None:
+        f.close()
+        shards[-1]["sha256"] = _sha256(f.path)
+        shards[-1]["bytes"] = f.path.stat().st_size
+        if uploader is not None:
+            uploader.submit(f.path)
+
     try:
-        for idx, (ext, data, cls) in enumerate(src.samples()):
-            if idx % shard_size == 0:
-                if current is not None:
-                    current.close()
-                name = SHARD_PATTERN.format(len(shards))
-                shards.append({"name": name, "count": 0, "sha256": "", "first_idx": idx})
-                current = _ShardFile(tmp / name)
+        for idx, (ext, data, shape, cls) in enumerate(encoded):
+            shapes.add(shape)
             sample = {"__key__": f"{idx:09d}", ext: data, "idx": str(idx)}
             if cls is not None:
                 sample["cls"] = str(cls)
-            current.writer.write(sample)  # type: ignore[union-attr]
+            need = _tar_bytes(sample)
+            full = current is not None and (
+                shards[-1]["count"] == shard_size
+                or (shard_bytes is not None and size + need > shard_bytes)
+            )
+            if current is None or full:
+                if current is not None:
+                    finish(current)
+                name = SHARD_PATTERN.format(len(shards))
+                shards.append({"name": name, "count": 0, "sha256": "", "first_idx": idx})
+                current, size = _ShardFile(tmp / name), 0
+            current.writer.write(sample)
             shards[-1]["count"] += 1
+            size += need
+        if current is not None:
+            finish(current)
+            current = None
     finally:
         if current is not None:
             current.close()
-    for s in shards:
-        s["sha256"] = _sha256(tmp / s["name"])
     return shards
 
 
@@ -325,14 +229,29 @@ def write_shards(
     out: str | os.PathLike,
     shard_size: int = 5000,
     image_format: str = "png",
+    *,
+    shard_bytes: int | None = None,
+    encode: str = "keep",
+    quality: int = 95,
+    max_side: int | None = None,
+    workers: int = 1,
+    post: str | None = None,
+    keep_local: bool = True,
+    root: str | os.PathLike | None = None,
 ) -> dict:
     """Write SOURCE as WebDataset shards plus ``manifest.json`` into OUT; return the manifest.
 
-    SOURCE is an ``.npz`` with ``x`` (uint8, (N,H,W) or (N,H,W,C)) and optional ``y``; an IDX
-    images file ``*idx3-ubyte[.gz]`` (labels beside it as ``*labels-idx1-ubyte[.gz]``) or a
-    directory holding exactly one; an image-folder tree (sorted class subfolders, files kept as
-    their encoded bytes); or a built-in name (``mnist_test``). Array images are encoded as
-    ``image_format`` (``png``, lossless, or ``jpg``).
+    SOURCE (see :mod:`selfclust.sources`): an ``.npz`` with ``x``/``y``; an IDX images file (or
+    a directory holding one); an image-folder tree (any format Pillow reads; class = sorted
+    subfolder); a file list (``path[,label]`` per line); ``torchvision:NAME[:SPLIT]`` stored
+    under ``root``; or a built-in name (``mnist_test``).
+
+    ``encode``: ``keep`` (file bytes as they are; arrays as ``image_format``, png or jpg),
+    ``png`` or ``jpeg`` (at ``quality``). ``max_side``: shrink images whose longer side is
+    larger (aspect kept). ``workers``: processes that decode/encode in parallel. ``post``: a
+    shell command run for each finished file with ``{path}`` and ``{name}`` filled in (e.g.
+    ``aws s3 cp {path} s3://bucket/set/{name}``); the manifest goes last, after every shard
+    uploaded, and ``keep_local=False`` deletes each local shard once it is uploaded.
 
     The shards are written into a temporary directory beside OUT that is renamed into place at
     the end, so an interrupted write never leaves a manifest pointing at partial shards. An
@@ -340,37 +259,78 @@ def write_shards(
     """
     if not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    src = _resolve_source(source, image_format)
+    if shard_bytes is not None and shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be a positive number of bytes, got {shard_bytes!r}")
+    if image_format not in ARRAY_FORMATS:
+        raise ValueError(f"image_format must be one of {list(ARRAY_FORMATS)}, got {image_format!r}")
+    if encode not in ENCODINGS:
+        raise ValueError(f"encode must be one of {list(ENCODINGS)}, got {encode!r}")
+    if not 1 <= quality <= 100 or (max_side is not None and max_side < 1) or workers < 1:
+        raise ValueError(
+            "need 1 <= quality <= 100, max_side >= 1, workers >= 1; "
+            f"got {quality}, {max_side}, {workers}"
+        )
+    if post is not None and "{path}" not in post:
+        raise ValueError(f"post command {post!r} must contain {{path}} (and usually {{name}})")
+    src = resolve_source(source, root)
+    opts = {
+        "encode": encode,
+        "quality": quality,
+        "max_side": max_side,
+        "array_format": image_format,
+    }
     out = Path(out).absolute()
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    uploader = Uploader(post, keep_local) if post else None
     try:
-        shards = _write_into(src, tmp, shard_size)
+        shapes: set[tuple[int, int, int]] = set()
+        encoded = encode_parallel(src, opts, workers, encode_item)
+        shards = _write_into(encoded, tmp, shard_size, shard_bytes, shapes, uploader)
         total = sum(s["count"] for s in shards)
         if total == 0:
             raise ValueError(f"source {source} holds no images")
-        channels = max(c for _, _, c in src.shapes)
-        uniform = len(src.shapes) == 1
-        h, w, c = next(iter(src.shapes))
-        manifest = {
-            "format": FORMAT,
-            "num_samples": total,
-            "shards": shards,
-            "classes": src.classes,
-            "image": {"height": h, "width": w, "channels": c} if uniform else None,
-            "channels": channels,
-            "source": src.description,
-        }
+        if uploader is not None:
+            uploader.wait()  # every shard uploaded before the manifest
+        manifest = _manifest(src, shards, shapes, opts, shard_size, shard_bytes)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        if uploader is not None:
+            uploader.submit(tmp / MANIFEST, keep=True)
+            uploader.wait()
         _swap_into_place(tmp, out)
     except BaseException:
+        if uploader is not None:
+            uploader.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _manifest(
+    src: Source,
+    shards: list[dict],
+    shapes: set,
+    opts: dict,
+    shard_size: int,
+    shard_bytes: int | None,
+) -> dict:
+    channels = max(c for _, _, c in shapes)
+    h, w, c = next(iter(shapes))
+    return {
+        "format": FORMAT,
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+        "classes": src.classes,
+        "image": {"height": h, "width": w, "channels": c} if len(shapes) == 1 else None,
+        "channels": channels,
+        "source": src.description,
+        "source_info": src.info,
+        "writer": {**opts, "shard_size": shard_size, "shard_bytes": shard_bytes},
+    }
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -387,10 +347,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _is_url(s: str) -> bool:
-    return s.startswith(("http://", "https://"))
 
 
 def _validate_manifest(m: Any, where: str) -> dict:
@@ -437,27 +393,24 @@ def _validate_manifest(m: Any, where: str) -> dict:
     return m
 
 
-def load_manifest(shard_dir_or_url: str | os.PathLike) -> dict:
-    """Read and validate ``manifest.json`` of a shard directory (local path or http(s) URL)."""
-    where = str(shard_dir_or_url)
-    if _is_url(where):
-        url = where if where.endswith(".json") else where.rstrip("/") + "/" + MANIFEST
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                text = r.read().decode("utf-8")
-        except OSError as e:
-            raise FileNotFoundError(f"cannot fetch {url}: {e}; is it a selfclust shard URL?") from e
-    else:
-        path = Path(where)
-        if path.is_dir():
-            path = path / MANIFEST
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{where} is not a selfclust shard directory: no {MANIFEST}; {_SHARD_HELP}"
-                )
-        elif not path.is_file():
+def load_manifest(spec: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Read and validate the manifest of a shard set (any spec of :mod:`selfclust.urls`)."""
+    where = str(spec)
+    url = parse_spec(where).manifest_url
+    path = Path(where)
+    if parse_spec(where).is_local and not where.endswith(".json") and "{" not in where:
+        if not path.exists():
             raise FileNotFoundError(f"shard directory {where} does not exist; {_SHARD_HELP}")
-        text = path.read_text()
+        if not (path / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"{where} is not a selfclust shard directory: no {MANIFEST}; {_SHARD_HELP}"
+            )
+    try:
+        text = read_url(url, timeout_s).decode("utf-8")
+    except ShardNotFound as e:
+        raise FileNotFoundError(f"cannot read the manifest: {e}; {_SHARD_HELP}") from e
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the manifest {url}: {e}") from e
     try:
         m = json.loads(text)
     except ValueError as e:
@@ -465,28 +418,77 @@ def load_manifest(shard_dir_or_url: str | os.PathLike) -> dict:
     return _validate_manifest(m, where)
 
 
-def verify_shards(shard_dir: str | os.PathLike) -> None:
-    """Re-read every shard: check its sha256, its sample count and that idx covers 0..N-1 once.
+class _Hashing(io.RawIOBase):
+    """Passes a stream through while hashing it (checksum and parse in one read)."""
 
-    Raises ValueError naming the first bad shard.
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.sha = stream, hashlib.sha256()
+
+    def drain(self) -> None:
+        for block in iter(lambda: self.stream.read(1 << 20), b""):
+            self.sha.update(block)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        data = self.stream.read(len(buf))
+        self.sha.update(data)
+        buf[: len(data)] = data
+        return len(data)
+
+
+def verify_shards(
+    spec: str | os.PathLike, decode: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> dict:
+    """Re-read every shard of a set (local, http(s), pipe:): check its sha256, sample count,
+    that idx covers 0..N-1 once in order and, with ``decode``, that every image decodes.
+
+    Returns ``{"num_samples", "shards", "bytes"}``; raises ValueError listing the bad shards.
     """
-    root = Path(shard_dir)
-    m = load_manifest(root)
-    seen = np.zeros(m["num_samples"], dtype=bool)
-    for s in m["shards"]:
-        path, name = root / s["name"], s["name"]
-        if not path.is_file():
-            raise ValueError(f"shard {name} is missing from {root}; write the shards again")
-        if _sha256(path) != s["sha256"]:
-            raise ValueError(f"shard {name} is corrupt: sha256 differs from the manifest")
-        count = 0
-        for sample in wds.tarfile_samples([{"url": str(path)}]):
-            idx = int(sample["idx"]) if "idx" in sample else -1
-            if not 0 <= idx < len(seen) or seen[idx] or sample["__key__"] != f"{idx:09d}":
-                raise ValueError(f"shard {name}: sample {sample['__key__']!r} has bad idx {idx}")
-            seen[idx] = True
-            count += 1
-        if count != s["count"]:
-            raise ValueError(f"shard {name} holds {count} samples, the manifest says {s['count']}")
-    if not seen.all():
-        raise ValueError(f"{root}: idx {int(np.argmin(seen))} is in no shard")
+    from selfclust.reader import image_field, open_image
+
+    m = load_manifest(spec, timeout_s)
+    s = parse_spec(str(spec))
+    problems: list[str] = []
+    total_bytes = 0
+    for sh in m["shards"]:
+        name, first = sh["name"], sh["first_idx"]
+        try:
+            with open_url(s.url(name), timeout_s) as stream:
+                hashing = _Hashing(stream)
+                count = 0
+                for sample in _samples(io.BufferedReader(hashing, 1 << 20)):
+                    idx = int(sample["idx"]) if "idx" in sample else -1
+                    if idx != first + count or sample["__key__"] != f"{idx:09d}":
+                        raise ValueError(
+                            f"sample {sample['__key__']!r} has idx {idx}, expected {first + count}"
+                        )
+                    if decode:
+                        try:
+                            open_image(image_field(sample), m["channels"])
+                        except (
+                            *_BAD_IMAGE,
+                            Image.DecompressionBombError,
+                            Image.DecompressionBombWarning,
+                        ) as e:
+                            problems.append(
+                                f"shard {name}: image {sample['__key__']} does not decode ({e})"
+                            )
+                    count += 1
+                hashing.drain()  # the tar's end blocks count in the checksum too
+        except ShardNotFound as e:
+            problems.append(f"shard {name} is missing ({e})")
+            continue
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            problems.append(f"shard {name} is unreadable: {e}")
+            continue
+        if count != sh["count"]:
+            problems.append(f"shard {name} holds {count} samples, the manifest says {sh['count']}")
+        elif hashing.sha.hexdigest() != sh["sha256"]:
+            problems.append(f"shard {name} is corrupt: sha256 differs from the manifest")
+        total_bytes += sh.get("bytes", 0)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError("; ".join(problems[:5]) + more)
+    return {"num_samples": m["num_samples"], "shards": len(m["shards"]), "bytes": total_bytes}

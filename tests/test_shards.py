@@ -235,7 +235,7 @@ def bad_source(tmp_path: Path, kind: str) -> Path:
     if kind == "missing":
         return tmp_path / "nope.npz"
     if kind == "unknown":
-        p = tmp_path / "data.csv"
+        p = tmp_path / "data.parquet"
         p.write_text("1,2,3\n")
     elif kind == "empty":
         np.savez(p, x=np.zeros((0, 8, 8), np.uint8))

@@ -1,0 +1,191 @@
+"""Where shards live: one grammar for local paths, brace patterns, http(s) and ``pipe:`` commands.
+
+A shard *spec* names a shard set so that every file of it is ``prefix + NAME + suffix``:
+
+* ``DIR`` (or ``DIR/manifest.json``, or ``file://DIR``): a local shard directory;
+* ``http(s)://HOST/PATH`` (or ``.../manifest.json``): the same layout served over HTTP;
+* ``pipe:COMMAND`` with ``{name}`` where the file name goes, e.g.
+  ``pipe:aws s3 cp s3://bucket/imagenet/{name} -`` (any object store through its CLI);
+* any of these with a brace pattern in place of the file name, e.g.
+  ``/data/in1k/shard-{000000..001281}.tar`` or ``pipe:gsutil cat gs://b/shard-{000000..000099}.tar``
+  (WebDataset's notation). The manifest is read from ``prefix + "manifest.json" + suffix`` and the
+  pattern must name exactly its shards.
+
+:func:`open_url` opens one file for streaming. No read waits forever: HTTP reads and pipe
+commands are abandoned after ``timeout_s`` seconds without data, and a file that is not there
+(no such path, HTTP 404/410, a command that fails before writing a byte) raises
+:class:`ShardNotFound` naming it, after at most ``timeout_s`` seconds of retrying transient errors.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import select
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from webdataset.shardlists import expand_urls
+
+MANIFEST = "manifest.json"
+DEFAULT_TIMEOUT_S = 30.0
+_TOKEN = re.compile(r"[^\s/]*\{[^\s/]*")  # the file-name token holding a brace pattern
+_RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class ShardNotFound(FileNotFoundError):
+    """A shard or manifest URL that does not exist (or cannot be reached in time)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A resolved shard spec: file ``NAME`` lives at ``prefix + NAME + suffix``."""
+
+    prefix: str
+    suffix: str
+    manifest_url: str
+    names: tuple[str, ...] | None = None  # shard names a brace pattern asked for, in its order
+
+    def url(self, name: str) -> str:
+        return self.prefix + name + self.suffix
+
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.prefix)
+
+
+def is_local(url: str) -> bool:
+    return not url.startswith(("http://", "https://", "pipe:"))
+
+
+def parse_spec(spec: str | os.PathLike) -> Spec:
+    """Turn a user's shard spec into where the manifest and each shard are (see module doc)."""
+    text = str(spec)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    match = _TOKEN.search(text)
+    if match:
+        prefix, suffix = text[: match.start()], text[match.end() :]
+        if "{" in prefix + suffix:
+            raise ValueError(
+                f"shard spec {text!r}: brace patterns may only stand for the shard file name "
+                "(e.g. shards/shard-{000000..000099}.tar)"
+            )
+        names = tuple(expand_urls(match.group()))
+        return Spec(prefix, suffix, prefix + MANIFEST + suffix, names)
+    if text.startswith("pipe:"):
+        if "{name}" not in text:
+            raise ValueError(
+                f"shard spec {text!r}: a pipe: command needs {{name}} where the file name goes, "
+                "e.g. 'pipe:aws s3 cp s3://bucket/shards/{name} -'"
+            )
+        prefix, suffix = text.split("{name}", 1)
+        return Spec(prefix, suffix, prefix + MANIFEST + suffix)
+    if text.endswith(".json"):  # the manifest itself: shards sit beside it
+        return Spec(text[: text.rfind("/") + 1], "", text)
+    prefix = text.rstrip("/") + "/"
+    return Spec(prefix, "", prefix + MANIFEST)
+
+
+def _not_found(url: str, why: str) -> ShardNotFound:
+    return ShardNotFound(f"{url} not found ({why})")
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+def _open_http(url: str, timeout_s: float) -> BinaryIO:
+    deadline, delay, last = _Deadline(timeout_s), 0.25, ""
+    while True:
+        try:
+            # The timeout bounds the connect and every later read of the response.
+            return urllib.request.urlopen(url, timeout=max(1.0, min(timeout_s, deadline.left())))
+        except urllib.error.HTTPError as e:
+            if e.code not in _RETRY_HTTP:
+                raise _not_found(url, f"HTTP {e.code} {e.reason}") from e
+            last = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        if deadline.left() <= delay:
+            raise _not_found(url, f"unreachable for {timeout_s:.0f} s: {last}")
+        time.sleep(delay)
+        delay = min(2 * delay, 4.0)
+
+
+class _PipeStream(io.RawIOBase):
+    """stdout of a shell command; a stall longer than ``timeout_s`` kills it, a failing exit
+    status raises at the end of the data (so a truncated download is never taken as whole)."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url, self.timeout_s, self.seen = url, timeout_s, 0
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=self.stderr
+        )
+        assert self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fail(self, why: str) -> OSError:
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-500:].decode("utf-8", "replace").strip()
+        detail = f"{why}{': ' + tail if tail else ''}"
+        return _not_found(self.url, detail) if self.seen == 0 else OSError(f"{self.url}: {detail}")
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
+        if not ready:
+            self.proc.kill()
+            raise self._fail(f"no data for {self.timeout_s:.0f} s, command killed")
+        n = os.readv(self.fd, [buf])
+        self.seen += n
+        if n == 0:
+            try:
+                code = self.proc.wait(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = -9
+            if code != 0:
+                raise self._fail(f"command exited with status {code}")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+            self.stderr.close()
+        super().close()
+
+
+def open_url(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> BinaryIO:
+    """Open a local path, http(s) URL or ``pipe:`` command as a binary stream."""
+    if url.startswith(("http://", "https://")):
+        return _open_http(url, timeout_s)
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_PipeStream(url, timeout_s), 1 << 20)  # type: ignore[return-value]
+    try:
+        return open(url, "rb")
+    except FileNotFoundError as e:
+        raise _not_found(url, "no such file") from e
+
+
+def read_url(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
+    """The whole content of ``url`` (small files: manifests)."""
+    with open_url(url, timeout_s) as f:
+        return f.read()
