@@ -17,15 +17,35 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from selfclust.shards import verify_shards, write_shards
+    from selfclust.shards import parse_bytes, verify_shards, write_shards
+    from selfclust.upload import UploadError
 
     if args.verify:
-        verify_shards(args.source)
-        print(f"{args.source}: every shard, checksum and index verified")
+        report = verify_shards(args.source, decode=args.decode)
+        what = "checksum, index and image" if args.decode else "checksum and index"
+        print(
+            f"{args.source}: {report['num_samples']} samples in {report['shards']} shards, "
+            f"every {what} verified"
+        )
         return 0
     if args.out is None:
-        raise SystemExit("selfclust shard: OUT is required (or use --verify DIR)")
-    manifest = write_shards(args.source, args.out, shard_size=args.shard_size)
+        raise SystemExit("selfclust shard: OUT is required (or use --verify SPEC)")
+    try:
+        manifest = write_shards(
+            args.source,
+            args.out,
+            shard_size=args.shard_size,
+            shard_bytes=parse_bytes(args.shard_bytes) if args.shard_bytes else None,
+            encode=args.encode,
+            quality=args.quality,
+            max_side=args.max_side,
+            workers=args.workers,
+            post=args.post,
+            keep_local=not args.no_keep_local,
+            root=args.root,
+        )
+    except UploadError as e:
+        raise ValueError(str(e)) from e
     print(
         f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to "
         f"{args.out} (manifest.json)"
@@ -141,15 +161,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shard", help="write WebDataset shards + manifest.json from a dataset")
+    s = sub.add_parser(
+        "shard",
+        help="write WebDataset shards + manifest.json from a dataset (or --verify a shard set)",
+    )
     s.add_argument(
         "source",
-        help="an .npz with x/y, an MNIST IDX images .gz (labels found beside it), an image-folder "
-        "tree (class subfolders), or a built-in name (mnist_test); with --verify, a shard dir",
+        help="an .npz with x/y; an IDX images file (labels found beside it); an image-folder "
+        "tree (class subfolders, any format Pillow reads); a file list (.txt/.csv/.tsv: "
+        "path[,label] per line); torchvision:NAME[:SPLIT] with --root; or a built-in name "
+        "(mnist_test). With --verify: a shard set (dir, http(s) URL, pipe:...{name}..., or a "
+        "brace pattern)",
     )
     s.add_argument("out", nargs="?", help="output directory")
-    s.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    s.add_argument("--shard-size", type=int, default=5000, help="max samples per shard")
+    s.add_argument("--shard-bytes", help="max bytes per shard, e.g. 1GB, 500MB (default: none)")
+    s.add_argument(
+        "--encode",
+        choices=["keep", "png", "jpeg"],
+        default="keep",
+        help="keep file bytes as they are (arrays: png), or re-encode as png / jpeg",
+    )
+    s.add_argument("--quality", type=int, default=95, help="JPEG quality for --encode jpeg")
+    s.add_argument("--max-side", type=int, help="shrink images whose longer side exceeds this")
+    s.add_argument("--workers", type=int, default=1, help="parallel decode/encode processes")
+    s.add_argument(
+        "--post",
+        help="shell command run for each finished shard, then the manifest, with {path} and "
+        "{name} filled in, e.g. 'aws s3 cp {path} s3://bucket/set/{name}'",
+    )
+    s.add_argument(
+        "--no-keep-local", action="store_true", help="with --post: delete shards once uploaded"
+    )
+    s.add_argument("--root", help="torchvision:NAME sources: the folder the dataset is stored in")
     s.add_argument("--verify", action="store_true", help="re-read SOURCE shards and check them")
+    s.add_argument("--decode", action="store_true", help="with --verify: decode every image too")
     s.set_defaults(func=cmd_shard)
 
     t = sub.add_parser("train", help="train (or resume) a run")

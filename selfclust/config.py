@@ -35,6 +35,11 @@ class DataConfig(_Section):
     image_size: int | None = Field(None, gt=0, description="resize images to this square size")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(2000, ge=0)
+    io_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a shard read may stall (or a missing URL retry) before it fails",
+    )
 
 
 class ModelConfig(_Section):
@@ -87,6 +92,9 @@ class AugmentConfig(_Section):
     saturation: float = Field(0.4, ge=0)
     grayscale: float = Field(0.2, ge=0, le=1)
     jitter_p: float = Field(0.8, ge=0, le=1)
+    # device: batched on the training device after loading (GPU-friendly, needs equal-size
+    # images); loader: per sample in DataLoader workers with torchvision v2 (large JPEGs).
+    where: Literal["device", "loader"] = "device"
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:

@@ -63,6 +63,24 @@ _SHARD_HELP = "create one with `selfclust shard SOURCE OUT`"
 _BAD_IMAGE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
 
 
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30})
+
+
+def parse_bytes(text: str) -> int:
+    """'1GB' → 10**9, '512MiB' → 2**29, '2e9' → 2000000000."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("BKMGI")
+    unit = t[len(num) :]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 1GB, 500MB, 512MiB") from e
+    if value < 1:
+        raise ValueError(f"size {text!r} must be at least one byte")
+    return int(value)
+
+
 def channels_for_mode(mode: str) -> int:
     """Channels a Pillow image of ``mode`` decodes to in selfclust: 1 (grayscale) or 3 (RGB)."""
     return 1 if mode in GRAY_MODES else 3
