@@ -40,7 +40,7 @@ from selfclust.augment import LoaderAugment
 from selfclust.config import AugmentConfig
 from selfclust.reader import DataStats, decode, read_shard
 from selfclust.shards import load_manifest
-from selfclust.urls import DEFAULT_TIMEOUT_S, parse_spec
+from selfclust.urls import DEFAULT_TIMEOUT_S, is_local, parse_spec
 
 log = logging.getLogger("selfclust.data")
 T = TypeVar("T")
@@ -73,11 +73,11 @@ class ShardSet:
     def open(cls, spec: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S) -> ShardSet:
         """Open a local shard dir, an http(s) base URL, a ``pipe:...{name}...`` command or a
         brace pattern of shard names; validates the manifest."""
-        text = str(spec)
+        text = str(spec).removeprefix("file://")
+        if is_local(text) and "{" not in text:  # absolute: Ray workers run elsewhere
+            text = str(Path(text).resolve())
         s = parse_spec(text)
-        if s.is_local and not s.manifest_url.endswith(".json"):
-            s = parse_spec(str(Path(text).resolve()))
-        manifest = load_manifest(s.manifest_url, timeout_s)
+        manifest = load_manifest(text, timeout_s)
         names = [sh["name"] for sh in manifest["shards"]]
         if s.names is not None and sorted(s.names) != sorted(names):
             extra = sorted(set(s.names) - set(names))[:3]
@@ -87,7 +87,8 @@ class ShardSet:
                 f"(the label pass needs every sample); not in the manifest: {extra}, "
                 f"not in the pattern: {missing}"
             )
-        root = s.prefix.rstrip("/") if s.is_local and not s.suffix else text
+        local_dir = s.is_local and s.template.endswith("/{name}") and s.names is None
+        root = s.template[: -len("/{name}")] if local_dir else text
         return cls(
             root=root,
             manifest=manifest,

@@ -76,7 +76,7 @@ class DataStats:
         }
 
 
-def _samples(stream: Any) -> Iterator[dict]:
+def tar_samples(stream: Any) -> Iterator[dict]:
     """Group tar members into samples by key (the name up to the first dot)."""
     current: dict = {}
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -111,7 +111,7 @@ def read_shard(
     got = 0
     try:
         with open_url(url, timeout_s) as stream:
-            for pos, sample in enumerate(_samples(stream)):
+            for pos, sample in enumerate(tar_samples(stream)):
                 if pos % nparts != part:
                     continue
                 if got == expected:

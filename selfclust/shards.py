@@ -38,7 +38,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from selfclust.reader import _samples
+from selfclust.reader import tar_samples
 from selfclust.sources import BUILTIN, Source, encode_parallel, resolve_source
 from selfclust.upload import Uploader
 from selfclust.urls import (
@@ -476,7 +476,7 @@ def verify_shards(
             with open_url(s.url(name), timeout_s) as stream:
                 hashing = _Hashing(stream)
                 count = 0
-                for sample in _samples(io.BufferedReader(hashing, 1 << 20)):
+                for sample in tar_samples(io.BufferedReader(hashing, 1 << 20)):
                     idx = int(sample["idx"]) if "idx" in sample else -1
                     if idx != first + count or sample["__key__"] != f"{idx:09d}":
                         raise ValueError(

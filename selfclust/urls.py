@@ -1,11 +1,13 @@
 """Where shards live: one grammar for local paths, brace patterns, http(s) and ``pipe:`` commands.
 
-A shard *spec* names a shard set so that every file of it is ``prefix + NAME + suffix``:
+A shard *spec* names a shard set so that every file of it is found by putting its NAME into
+one template:
 
 * ``DIR`` (or ``DIR/manifest.json``, or ``file://DIR``): a local shard directory;
 * ``http(s)://HOST/PATH`` (or ``.../manifest.json``): the same layout served over HTTP;
 * ``pipe:COMMAND`` with ``{name}`` where the file name goes, e.g.
   ``pipe:aws s3 cp s3://bucket/imagenet/{name} -`` (any object store through its CLI);
+* ``{name}`` works in any spec (``http://h/in1k/{name}?token=...``);
 * any of these with a brace pattern in place of the file name, e.g.
   ``/data/in1k/shard-{000000..001281}.tar`` or ``pipe:gsutil cat gs://b/shard-{000000..000099}.tar``
   (WebDataset's notation). The manifest is read from ``prefix + "manifest.json" + suffix`` and the
@@ -45,19 +47,18 @@ class ShardNotFound(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Spec:
-    """A resolved shard spec: file ``NAME`` lives at ``prefix + NAME + suffix``."""
+    """A resolved shard spec: file ``NAME`` lives at ``template`` with ``{name}`` → NAME."""
 
-    prefix: str
-    suffix: str
+    template: str
     manifest_url: str
     names: tuple[str, ...] | None = None  # shard names a brace pattern asked for, in its order
 
     def url(self, name: str) -> str:
-        return self.prefix + name + self.suffix
+        return self.template.replace("{name}", name)
 
     @property
     def is_local(self) -> bool:
-        return is_local(self.prefix)
+        return is_local(self.template)
 
 
 def is_local(url: str) -> bool:
@@ -69,6 +70,8 @@ def parse_spec(spec: str | os.PathLike) -> Spec:
     text = str(spec)
     if text.startswith("file://"):
         text = text[len("file://") :]
+    if "{name}" in text:
+        return Spec(text, text.replace("{name}", MANIFEST))
     match = _TOKEN.search(text)
     if match:
         prefix, suffix = text[: match.start()], text[match.end() :]
@@ -78,19 +81,16 @@ def parse_spec(spec: str | os.PathLike) -> Spec:
                 "(e.g. shards/shard-{000000..000099}.tar)"
             )
         names = tuple(expand_urls(match.group()))
-        return Spec(prefix, suffix, prefix + MANIFEST + suffix, names)
+        return Spec(prefix + "{name}" + suffix, prefix + MANIFEST + suffix, names)
     if text.startswith("pipe:"):
-        if "{name}" not in text:
-            raise ValueError(
-                f"shard spec {text!r}: a pipe: command needs {{name}} where the file name goes, "
-                "e.g. 'pipe:aws s3 cp s3://bucket/shards/{name} -'"
-            )
-        prefix, suffix = text.split("{name}", 1)
-        return Spec(prefix, suffix, prefix + MANIFEST + suffix)
+        raise ValueError(
+            f"shard spec {text!r}: a pipe: command needs {{name}} where the file name goes, "
+            "e.g. 'pipe:aws s3 cp s3://bucket/shards/{name} -'"
+        )
     if text.endswith(".json"):  # the manifest itself: shards sit beside it
-        return Spec(text[: text.rfind("/") + 1], "", text)
+        return Spec(text[: text.rfind("/") + 1] + "{name}", text)
     prefix = text.rstrip("/") + "/"
-    return Spec(prefix, "", prefix + MANIFEST)
+    return Spec(prefix + "{name}", prefix + MANIFEST)
 
 
 def _not_found(url: str, why: str) -> ShardNotFound:
