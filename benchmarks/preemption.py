@@ -1,0 +1,145 @@
+"""What a failure costs: seconds from the fault to training again, and steps repeated.
+
+Runs the real CLI (a local Ray cluster, 2 workers) on sklearn's digits and injects, in turn:
+
+- ``worker``: SIGKILL one Ray Train worker mid-epoch (no notice; Ray restarts the group);
+- ``driver``: SIGKILL the driver with its local cluster, then rerun the same command;
+- ``notice``: a simulated two-node cluster whose training node is drained with reason
+  PREEMPTION (a spot reclaim notice, 6 s deadline) and then removed; a replacement node exists.
+
+"Training again" is the first training step logged after the restart; "steps repeated" is the
+last step logged before the fault minus the step the restart resumed from (``log_every=1``).
+Usage: ``python benchmarks/preemption.py [--every-steps 25]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_faults import CLUSTER_SCRIPT, train_workers  # noqa: E402
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def last_step(run: Path) -> int:
+    return max((r["step"] for r in records(run) if "loss" in r), default=-1)
+
+
+def wait_step(run: Path, step: int, proc: subprocess.Popen) -> None:
+    end = time.monotonic() + 600
+    while last_step(run) < step:
+        if proc.poll() is not None or time.monotonic() > end:
+            raise SystemExit(f"run ended or stalled before step {step}; see {run}")
+        time.sleep(0.02)
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def cost(run: Path, fault_time: float, before: int) -> dict:
+    recs = records(run)
+    resumed = [r for r in recs if r.get("event") == "resumed"][-1]
+    after = [r for r in recs if "loss" in r and r["time"] > resumed["time"]]
+    return {
+        "resumed_from": resumed["step"],
+        "seconds_to_training": after[0]["time"] - fault_time,
+        "steps_repeated": max(0, before - resumed["step"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--every-steps", type=int, default=25, help="checkpoint.every_steps")
+    args = ap.parse_args()
+    overrides = [
+        "model.widths=[8,16]",
+        "method.heads=1",
+        "method.relabels=4",
+        "method.relabel_start=0.0",
+        "optim.epochs=20",
+        "optim.batch_size=64",
+        f"checkpoint.every_steps={args.every_steps}",
+        "trainer.log_every=1",
+        "trainer.max_failures=2",
+        "wandb.mode=disabled",
+    ]
+    tmp = Path(tempfile.mkdtemp(prefix="selfclust-preempt-"))
+    from selfclust.shards import write_shards
+
+    shards = tmp / "digits"
+    write_shards(DIGITS, shards, shard_size=400)
+    base = [sys.executable, "-m", "selfclust.cli", "train", "configs/quickstart.yaml"]
+    rows = {}
+
+    run = tmp / "worker"
+    cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
+    proc = start(cmd, tmp / "worker.log")
+    wait_step(run, 60, proc)
+    os.kill(train_workers(proc.pid)[1], signal.SIGKILL)
+    t, before = time.time(), last_step(run)
+    proc.wait(600)
+    rows["worker SIGKILL, no notice"] = cost(run, t, before)
+
+    run = tmp / "driver"
+    cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
+    proc = start(cmd, tmp / "driver.log")
+    wait_step(run, 60, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    t, before = time.time(), last_step(run)
+    proc.wait(60)
+    start(cmd, tmp / "driver2.log").wait(600)
+    rows["driver SIGKILL, command rerun"] = cost(run, t, before)
+
+    run = tmp / "notice"
+    script = tmp / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    proc = start([sys.executable, str(script), str(shards), str(run), *overrides], tmp / "n.log")
+    proc.wait(900)
+    recs = records(run)
+    notice = next(r for r in recs if r.get("event") == "preemption_notice")
+    resumed = next(r for r in recs if r.get("event") == "resumed")
+    gone = notice["deadline_ms"] / 1000  # Ray stops the workers at the deadline
+    before = max(r["step"] for r in recs if "loss" in r and r["time"] < resumed["time"])
+    rows["spot notice (6 s), node replaced"] = cost(run, gone, before)
+
+    print(f"checkpoint.every_steps={args.every_steps}; 2 CPU workers; digits, 28 steps/epoch")
+    print(f"{'fault':34} {'resumed from':>12} {'s to training':>14} {'steps repeated':>15}")
+    for name, r in rows.items():
+        print(
+            f"{name:34} {r['resumed_from']:>12} {r['seconds_to_training']:>14.1f} "
+            f"{r['steps_repeated']:>15}"
+        )
+
+
+if __name__ == "__main__":
+    main()
