@@ -78,18 +78,26 @@ def objective(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> f
 
 
 def kmeans_torch(
-    x: torch.Tensor, k: int, niter: int = 25, seed: int = 0, chunk: int = 16384
+    x: torch.Tensor,
+    k: int,
+    niter: int = 25,
+    seed: int = 0,
+    chunk: int = 16384,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lloyd's k-means in torch on ``x``'s device; returns centroids ``[k, D]`` float32.
 
-    Initialised like faiss (k distinct random points); an empty cluster takes half of the
-    largest one (its centroid, nudged apart), as faiss does. Assignment uses
-    ``||x||² − 2 x·c + ||c||²`` in row chunks: one [chunk, k] block alive at a time.
+    Initialised like faiss (k distinct random points) unless ``init`` ([k, D]) is given; an
+    empty cluster takes half of the largest one (its centroid, nudged apart), as faiss does.
+    Assignment uses ``||x||² − 2 x·c + ||c||²`` in row chunks: one [chunk, k] block at a time.
     """
     x = x.float()
     n, d = x.shape
     g = torch.Generator().manual_seed(seed)
-    c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()  # [k, D]
+    if init is None:
+        c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()  # [k, D]
+    else:
+        c = init.to(x.device, torch.float32).clone()
     for _ in range(niter):
         labels = assign_torch(x, c, chunk)
         sums = torch.zeros_like(c).index_add_(0, labels, x)
