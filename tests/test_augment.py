@@ -1,6 +1,16 @@
-import torch
+"""Augmentation: a pure function of (seed, epoch, idx, view); device and loader paths agree;
+colour ops equal torchvision v2's."""
 
-from selfclust.augment import augment, normalize
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from selfclust.augment import LoaderAugment, _params, augment, augment_views, colour, normalize
 from selfclust.config import AugmentConfig
 
 
@@ -39,3 +49,92 @@ def test_flip_and_grayscale_and_size():
     g = augment(x, torch.arange(6), gray, 0, 0, size=8)
     assert g.shape == (6, 3, 8, 8)
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+
+
+CIFAR = Path(__file__).parents[2] / "shared" / "data" / "cifar10_test_jpeg" / "cifar10_test_2k.npz"
+
+
+def _cifar(n=48) -> torch.Tensor:
+    if not CIFAR.exists():
+        pytest.skip(f"{CIFAR} not available")
+    with np.load(CIFAR) as d:
+        return torch.from_numpy(d["x"][:n]).permute(0, 3, 1, 2).contiguous()
+
+
+def test_colour_equals_torchvision_v2_per_sample():
+    x = _cifar().float() / 255
+    idx = torch.arange(500, 500 + len(x))
+    cfg = AugmentConfig(grayscale=0.4, jitter_p=0.7)
+    p = torch.from_numpy(_params(cfg, 1, 2, idx.numpy(), 0)).float()
+    assert 0 < int((p[:, 6] > 0).sum()) < len(x) and 0 < int((p[:, 10] > 0).sum()) < len(x)
+    ref = []
+    for k in range(len(x)):  # the oracle: torchvision's own functional ops, one image at a time
+        y = x[k]
+        if p[k, 6] > 0:
+            y = TF.adjust_brightness(y, float(p[k, 7]))
+            y = TF.adjust_contrast(y, float(p[k, 8]))
+            y = TF.adjust_saturation(y, float(p[k, 9]))
+        if p[k, 10] > 0:
+            y = TF.rgb_to_grayscale(y, num_output_channels=3)
+        ref.append(y)
+    assert torch.allclose(colour(x.clone(), p), torch.stack(ref), atol=1e-5)
+
+
+def _samples(images: torch.Tensor, idx: torch.Tensor) -> list[dict]:
+    out = []
+    for a, i in zip(images.permute(0, 2, 3, 1).numpy(), idx.tolist(), strict=True):
+        buf = io.BytesIO()
+        Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(buf, format="PNG")
+        out.append({"__key__": f"{i:09d}", "png": buf.getvalue(), "idx": str(i)})
+    return out
+
+
+def _loader_path(images, idx, cfg, seed, epoch, size, views=1):
+    aug = LoaderAugment(cfg, seed, epoch, size, views, images.shape[1])
+    items = [aug.sample(s) for s in _samples(images, idx)]
+    return aug.batch(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+
+
+def test_loader_path_equals_device_path():
+    x = _cifar()
+    idx = torch.arange(100, 100 + len(x))
+    still = AugmentConfig(crop_scale=(1, 1), crop_ratio=(1, 1), grayscale=0.3)
+    # No resampling: equal up to the loader's rounding to uint8 (half a grey level).
+    diff = normalize(_loader_path(x, idx, still, 3, 2, 32)) - augment(x, idx, still, 3, 2, 32)
+    assert diff.abs().max() * _STD_255 <= 0.5 + 1e-3
+    # Random crops, flips, jitter: the same decisions; pixels differ only by resampling at
+    # the crop borders (mean under one grey level).
+    cfg = AugmentConfig()
+    diff = normalize(_loader_path(x, idx, cfg, 3, 2, 32)) - augment(x, idx, cfg, 3, 2, 32)
+    assert diff.abs().mean() * _STD_255 < 1.0
+    other_epoch = normalize(_loader_path(x, idx, cfg, 3, 3, 32)) - augment(x, idx, cfg, 3, 2, 32)
+    assert other_epoch.abs().mean() * _STD_255 > 10 * diff.abs().mean() * _STD_255
+
+
+_STD_255 = 0.25 * 255  # standardised units → grey levels
+
+
+def test_loader_path_pure_and_multi_view():
+    x = _cifar(12)
+    idx = torch.arange(7, 19)
+    cfg = AugmentConfig()
+    two = _loader_path(x, idx, cfg, 0, 1, 24, views=2)
+    assert two.shape == (2, 12, 3, 24, 24) and two.dtype == torch.uint8
+    assert not torch.equal(two[0], two[1])
+    perm = torch.tensor([5, 3, 1, 0, 2, 4, 11, 10, 9, 8, 7, 6])
+    assert torch.equal(_loader_path(x[perm], idx[perm], cfg, 0, 1, 24, views=2), two[:, perm])
+    assert torch.equal(_loader_path(x, idx, cfg, 0, 1, 24), two[0])  # view 0 = single view
+    dev = augment_views(x, idx, cfg, 0, 1, 24, views=2)
+    assert dev.shape == (2, 12, 3, 24, 24)
+    assert torch.equal(dev[1], augment(x, idx, cfg, 0, 1, 24, view=1))
+    assert (normalize(two) - dev).abs().mean() * _STD_255 < 1.5
+
+
+def test_grayscale_images_through_loader_path():
+    g = torch.randint(
+        0, 256, (4, 1, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    out = _loader_path(g, torch.arange(4), AugmentConfig(), 0, 0, 16)
+    assert out.shape == (4, 1, 16, 16)
+    bad = LoaderAugment(AugmentConfig(), 0, 0, 16, 1, 1)
+    assert bad.sample({"__key__": "000000001", "png": b"garbage", "idx": "1"}) is None
