@@ -16,8 +16,9 @@ The manifest records::
 ``image`` is set when every image has the same size and channel count; ``channels`` (1 for
 grayscale, 3 for colour) is always set and is what readers convert every image to.
 Shard ``i`` holds the idx range ``first_idx .. first_idx + count - 1`` in order. Shards are
-cut at ``shard_size`` samples or before exceeding ``shard_bytes``, whichever comes first; the
-output is the same whatever the number of writer processes.
+cut at ``shard_size`` samples or before the file would exceed ``shard_bytes`` (a sample larger
+than that gets a shard of its own), whichever comes first; the output is the same whatever the
+number of writer processes.
 """
 
 from __future__ import annotations
@@ -194,6 +195,12 @@ def _tar_bytes(sample: dict) -> int:
     return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
 
 
+def _tar_budget(shard_bytes: int) -> int:
+    """Member bytes that fit in a file of ``shard_bytes``: tarfile ends an archive with two
+    zero blocks and pads it to whole 10240-byte records."""
+    return (shard_bytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE - 2 * tarfile.BLOCKSIZE
+
+
 def _write_into(
     encoded: Iterator[tuple[str, bytes, tuple[int, int, int], int | None]],
     tmp: Path,
@@ -222,7 +229,7 @@ def _write_into(
             need = _tar_bytes(sample)
             full = current is not None and (
                 shards[-1]["count"] == shard_size
-                or (shard_bytes is not None and size + need > shard_bytes)
+                or (shard_bytes is not None and size + need > _tar_budget(shard_bytes))
             )
             if current is None or full:
                 if current is not None:

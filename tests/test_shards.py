@@ -339,3 +339,152 @@ def test_load_manifest_errors(tmp_path: Path, digits_npz: Path) -> None:
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="not a valid selfclust manifest"):
         load_manifest(out)
+
+
+def test_file_list_source(tmp_path: Path) -> None:
+    classes, expected = make_png_tree(tmp_path / "tree", per_class=2)
+    files = sorted((tmp_path / "tree").rglob("*.[pP][nN][gG]"))
+    lines = ["# path,label", ""]
+    lines += [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in files]
+    lines.append(str(files[0]))  # absolute path, no label
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    m = write_shards(tmp_path / "list.csv", tmp_path / "out", shard_size=4)
+    assert m["source"].startswith("filelist:") and m["source_info"]["kind"] == "filelist"
+    assert m["classes"] == classes and m["num_samples"] == len(files) + 1
+    samples = read_all(tmp_path / "out")
+    want = [classes.index(p.parent.name) for p in files]
+    assert [int(s["cls"]) for s in samples[:-1]] == want and "cls" not in samples[-1]
+    assert samples[0]["png"] == files[0].read_bytes() == samples[-1]["png"]
+
+    (tmp_path / "ints.txt").write_text(f"{files[1]},7\n{files[2]},-1\n")
+    m = write_shards(tmp_path / "ints.txt", tmp_path / "ints")
+    assert m["classes"] is None
+    assert [s.get("cls") for s in read_all(tmp_path / "ints")] == [b"7", None]
+    (tmp_path / "bad.txt").write_text("nope.png,1\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: image file .*nope.png does not exist"):
+        write_shards(tmp_path / "bad.txt", tmp_path / "bad")
+
+
+def test_torchvision_dataset_on_disk(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    x = load_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:500]
+    y = load_idx(MNIST / "t10k-labels-idx1-ubyte.gz")[:500]
+    for name, a in [("t10k-images-idx3-ubyte", x), ("t10k-labels-idx1-ubyte", y)]:
+        header = bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, ">u4").tobytes()
+        (raw / name).write_bytes(header + a.tobytes())
+    for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]:
+        (raw / name).write_bytes(b"")  # torchvision checks they exist; split=test never reads them
+    m = write_shards("torchvision:MNIST:test", tmp_path / "out", shard_size=200, root=tmp_path)
+    assert m["source_info"] == {
+        "kind": "torchvision",
+        "name": "MNIST",
+        "split": "test",
+        "root": str(tmp_path.resolve()),
+    }
+    assert m["classes"][0] == "0 - zero" and m["num_samples"] == 500
+    samples = read_all(tmp_path / "out")
+    np.testing.assert_array_equal(np.stack([pixels(s["png"]) for s in samples]), x)
+    np.testing.assert_array_equal([int(s["cls"]) for s in samples], y)
+    with pytest.raises(ValueError, match="cannot open CIFAR10 .*never downloads"):
+        write_shards("torchvision:CIFAR10:test", tmp_path / "c", root=tmp_path)
+    with pytest.raises(ValueError, match="pass root="):
+        write_shards("torchvision:MNIST", tmp_path / "c")
+
+
+def jpeg_tree(root: Path, n: int = 24, upscale: int = 1) -> Path:
+    if not CIFAR_ZIP.exists():
+        pytest.skip(f"{CIFAR_ZIP} not available")
+    with zipfile.ZipFile(CIFAR_ZIP) as z:
+        for k in range(n):
+            cls = ["cat", "dog"][k % 2]
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            data = z.read(f"test/{cls}/{k:04d}.jpg")
+            if upscale > 1:
+                with Image.open(io.BytesIO(data)) as im:
+                    buf = io.BytesIO()
+                    im.resize((32 * upscale, 24 * upscale)).save(buf, format="JPEG", quality=90)
+                    data = buf.getvalue()
+            (root / cls / f"{k:04d}.jpg").write_bytes(data)
+    return root
+
+
+def test_reencode_resize_bytes_and_parallel_writers(tmp_path: Path) -> None:
+    tree = jpeg_tree(tmp_path / "tree", upscale=4)  # 128 x 96 JPEGs
+    one = write_shards(tree, tmp_path / "one", encode="png", max_side=64, shard_bytes=60_000)
+    two = write_shards(
+        tree, tmp_path / "two", encode="png", max_side=64, shard_bytes=60_000, workers=2
+    )
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    assert one["image"] == {"height": 48, "width": 64, "channels": 3}
+    assert len(one["shards"]) > 1 and all(s["bytes"] <= 60_000 for s in one["shards"])
+    assert one["writer"]["encode"] == "png" and one["writer"]["shard_bytes"] == 60_000
+    assert all("png" in s for s in read_all(tmp_path / "one"))
+
+    write_shards(tree, tmp_path / "q", encode="jpeg", quality=50)
+    samples = read_all(tmp_path / "q")
+    assert all(Image.open(io.BytesIO(s["jpg"])).size == (128, 96) for s in samples)
+    assert sum(len(s["jpg"]) for s in samples) < sum(p.stat().st_size for p in tree.rglob("*.jpg"))
+    write_shards(tree, tmp_path / "kept", max_side=500)  # nothing to shrink: bytes kept
+    assert [s["jpg"] for s in read_all(tmp_path / "kept")] == [
+        p.read_bytes() for p in sorted(tree.rglob("*.jpg"), key=lambda p: (p.parent.name, p.name))
+    ]
+    verify_shards(tmp_path / "kept", decode=True)
+
+
+def test_post_uploads_shards_then_manifest(tmp_path: Path, digits_npz: Path) -> None:
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    post = f"cp {{path}} {bucket}/{{name}}.part && mv {bucket}/{{name}}.part {bucket}/{{name}}"
+    m = write_shards(digits_npz, tmp_path / "out", shard_size=500, post=post, keep_local=False)
+    assert sorted(p.name for p in bucket.iterdir()) == ["manifest.json"] + [
+        s["name"] for s in m["shards"]
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"]
+    verify_shards(bucket)
+    from selfclust.data import ShardSet
+
+    assert ShardSet.open(f"pipe:cat {bucket}/{{name}}").num_samples == 1797
+
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    post = f"case {{name}} in *2.tar) exit 5;; *) cp {{path}} {failing}/{{name}};; esac"
+    from selfclust.upload import UploadError
+
+    with pytest.raises(UploadError, match="post command for shard-000002.tar failed"):
+        write_shards(digits_npz, tmp_path / "out2", shard_size=500, post=post)
+    assert "manifest.json" not in [p.name for p in failing.iterdir()]
+    assert not (tmp_path / "out2").exists() and no_leftovers(tmp_path)
+
+
+def test_cli_shard_and_verify(tmp_path: Path, digits_npz: Path, capsys) -> None:
+    from selfclust.cli import main
+
+    args = ["shard", str(digits_npz), str(tmp_path / "o"), "--shard-bytes", "100KB"]
+    assert main(args + ["--encode", "jpeg", "--quality", "80", "--workers", "2"]) == 0
+    m = load_manifest(tmp_path / "o")
+    assert m["writer"]["shard_bytes"] == 100_000 and m["writer"]["quality"] == 80
+    assert main(["shard", "--verify", "--decode", str(tmp_path / "o")]) == 0
+    assert "1797 samples" in capsys.readouterr().out
+    shard = tmp_path / "o" / m["shards"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert main(["shard", "--verify", str(tmp_path / "o")]) == 2
+    assert "shard-000000.tar" in capsys.readouterr().err
+    assert main(["shard", str(digits_npz), str(tmp_path / "x"), "--shard-bytes", "lots"]) == 2
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+def test_verify_decode_finds_corrupt_image(tmp_path: Path, digits_npz: Path) -> None:
+    write_shards(digits_npz, tmp_path / "s", shard_size=1000)
+    path = tmp_path / "s" / "shard-000001.tar"
+    samples = [s for s in read_all(tmp_path / "s") if int(s["idx"]) >= 1000]
+    samples[3]["png"] = b"\x89PNG broken"
+    with open(path, "wb") as f, wds.TarWriter(f) as w:
+        for s in samples:
+            w.write({k: v for k, v in s.items() if k != "__url__"})
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    m["shards"][1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    verify_shards(tmp_path / "s")  # checksums and indices are fine
+    with pytest.raises(ValueError, match="shard-000001.tar: image 000001003 does not decode"):
+        verify_shards(tmp_path / "s", decode=True)
