@@ -33,7 +33,9 @@ class DataConfig(_Section):
         None, description="shards for evaluation; default: the training shards"
     )
     image_size: int | None = Field(None, gt=0, description="resize images to this square size")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    loader_workers: int = Field(
+        0, ge=-1, description="DataLoader worker processes per rank; -1: cpus_per_worker - 1"
+    )
     shuffle_buffer: int = Field(2000, ge=0)
     io_timeout_s: float = Field(
         30.0,
@@ -135,6 +137,12 @@ class TrainerConfig(_Section):
         10, ge=0, description="steps between preemption-notice checks (a barrier; 0 = off)"
     )
     log_every: int = Field(20, ge=1, description="steps between metrics.jsonl lines")
+    # GPU path (ignored on CPU): bf16 autocast, channels_last memory format, torch.compile.
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the model (CUDA only)")
 
 
 class CheckpointConfig(_Section):

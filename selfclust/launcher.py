@@ -140,7 +140,8 @@ def _init_ray(cfg: RunConfig) -> None:
     need = max(1, cfg.trainer.num_workers) * cfg.trainer.cpus_per_worker
     num_cpus = cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
     # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=num_cpus, log_to_driver=True)
+    # address="local": always a new cluster of our own, never one another process left behind.
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
 def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -175,7 +176,8 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         run_config=RayRunConfig(
             name=info["name"],
             storage_path=storage,
-            failure_config=FailureConfig(
+            # ray.train's FailureConfig is Train V2's (the stubs see V1's).
+            failure_config=FailureConfig(  # type: ignore[call-arg]
                 max_failures=t.max_failures, max_preemption_failures=t.max_preemptions
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),

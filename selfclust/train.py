@@ -66,11 +66,24 @@ class Trainer:
         m = cfg.method
         channels = self.shards.channels
         self.size = cfg.data.image_size
+        t = cfg.trainer
+        cuda = ctx.device.type == "cuda"
         self.model = SelfLabelNet(cfg.model, channels, m.heads, m.clusters).to(ctx.device)
+        if cuda and t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp: nn.Module = self.model
         if ctx.world_size > 1:
-            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            ids = [ctx.device.index] if cuda else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cuda and t.compile:
+            self.ddp = torch.compile(self.ddp)  # type: ignore[assignment]
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.memory_format = torch.channels_last if cuda and t.channels_last else None
+        # DataLoader workers: explicit, or the CPUs Ray gives this worker minus the main one.
+        lw = cfg.data.loader_workers
+        self.loader_workers = lw if lw >= 0 else max(0, t.cpus_per_worker - 1)
+        self.pin_memory = cuda
         o = cfg.optim
         self.local_batch = o.batch_size // ctx.world_size
         self.steps_per_epoch = steps_per_epoch(self.n, ctx.world_size, self.local_batch)
@@ -176,11 +189,16 @@ class Trainer:
             self.ctx.rank,
             self.ctx.world_size,
             max(self.local_batch, 256),
-            num_workers=self.cfg.data.loader_workers,
+            num_workers=self.loader_workers,
             image_size=self.size,
         )
         fn = thumbnails(self.cfg.method.kmeans_pixel_size) if pixels else self.model.backbone
-        return embed(fn, batches, self.ctx.device, self.size, shards.num_samples)
+        with torch.autocast(
+            self.ctx.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None and not pixels,
+        ):
+            return embed(fn, batches, self.ctx.device, self.size, shards.num_samples)
 
     def relabel(self, initial: bool = False) -> None:
         m = self.cfg.method
@@ -243,10 +261,17 @@ class Trainer:
             self.pos.epoch,
             self.size,
         )
-        targets = self.bank.lookup(idx).to(self.ctx.device)  # [T, B] by global index
-        out = self.ddp(x)
+        if self.memory_format is not None:
+            x = x.contiguous(memory_format=self.memory_format)
+        targets = self.bank.lookup(idx).to(self.ctx.device, non_blocking=True)  # [T, B] by idx
+        with torch.autocast(
+            self.ctx.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            out = self.ddp(x)
         losses = torch.stack(
-            [F.cross_entropy(z, t) for z, t in zip(out.logits, targets, strict=True)]
+            [F.cross_entropy(z.float(), t) for z, t in zip(out.logits, targets, strict=True)]
         )
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,10 +298,11 @@ class Trainer:
                 self.local_batch,
                 cfg.seed,
                 self.pos.epoch,
-                num_workers=cfg.data.loader_workers,
+                num_workers=self.loader_workers,
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 skip_steps=self.pos.step_in_epoch,
                 image_size=self.size,
+                pin_memory=self.pin_memory,
             )
             for images, idx in batches:
                 step = self.pos.global_step
@@ -373,7 +399,7 @@ class Trainer:
             device=self.ctx.device,
             image_size=self.size,
             batch_size=max(self.local_batch, 256),
-            loader_workers=self.cfg.data.loader_workers,
+            loader_workers=self.loader_workers,
         )
 
     def finish(self) -> dict[str, Any]:
