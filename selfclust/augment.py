@@ -16,14 +16,15 @@ Two places can apply them, with the same parameters:
 * **loader** (:class:`LoaderAugment`): each loader worker crops every sample from its full-size
   decoded image (Pillow's antialiased resize of the crop box, which is what v2's
   ``resized_crop`` runs on PIL images, without rounding the box; then v2 ``rotate`` and
-  ``horizontal_flip``; JPEGs are DCT-downscaled while decoding when the crop will shrink), then
-  colour-jitters the batch with the same arithmetic as the device path and hands over uint8
-  images of the output size: the standard layout for large JPEG datasets like ImageNet.
+  ``horizontal_flip``; JPEGs are DCT-downscaled while decoding when the crop will shrink) and
+  colour-jitters it with v2's ``adjust_*`` / ``rgb_to_grayscale`` on the PIL image, handing
+  over uint8 images of the output size: the standard layout for large JPEG datasets.
 
-The colour formulas are torchvision's (``adjust_brightness/contrast/saturation``,
-``rgb_to_grayscale``), and both places sample the same fractional crop box, so without
-rotation they agree up to resampling at the box borders and antialiasing when a crop shrinks
-(on CIFAR-10 crops: mean difference 0.4 grey levels). With ``rotation`` the loader path fills
+Both use torchvision's colour formulas (``adjust_brightness/contrast/saturation``,
+``rgb_to_grayscale``: the device path as float arithmetic on the batch, the loader path through
+Pillow on uint8, which rounds after each step) and sample the same fractional crop box, so
+without rotation they agree up to that rounding, resampling at the box borders and
+antialiasing when a crop shrinks. With ``rotation`` the loader path fills
 the rotated-in corners with black where the device path samples the surrounding image.
 """
 
@@ -88,7 +89,9 @@ def _params(cfg: AugmentConfig, seed: int, epoch: int, idx: np.ndarray, view: in
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    return _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
+    """[N, 3, H, W] → [N, 1, H, W]."""
+    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device)
+    return torch.einsum("nchw,c->nhw", x, w).unsqueeze(1)
 
 
 def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -98,21 +101,22 @@ def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     ``adjust_saturation`` (each skipped unless the sample's jitter fires) and then
     ``rgb_to_grayscale(num_output_channels=3)``; done as arithmetic on the whole batch."""
     n, ch = x.shape[:2]
-    ones = torch.ones(n, 1, 1, 1, dtype=x.dtype, device=x.device)
-    jit = p[:, 6].view(n, 1, 1, 1) > 0
+    jit = p[:, 6] > 0
 
-    def factor(col: int) -> torch.Tensor:
-        return torch.where(jit, p[:, col].view(n, 1, 1, 1).to(x.dtype), ones)
+    def factor(col: int) -> torch.Tensor:  # [N, 1, 1, 1]; 1 where the jitter does not fire
+        return torch.where(jit, p[:, col], 1.0).to(x.dtype).view(n, 1, 1, 1)
 
-    x = (x * factor(7)).clamp_(0, 1)
+    x = x.mul(factor(7)).clamp_(0, 1)  # brightness: blend with black
+    c = factor(8)  # contrast: blend with the mean of the grayscale image
     mean = (_luma(x) if ch == 3 else x).mean(dim=(1, 2, 3), keepdim=True)
-    c = factor(8)
-    x = (c * x + (1 - c) * mean).clamp_(0, 1)
+    x = x.mul_(c).add_((1 - c) * mean).clamp_(0, 1)
     if ch == 3:
-        s = factor(9)
-        x = (s * x + (1 - s) * _luma(x)).clamp_(0, 1)
-        to_gray = p[:, 10].view(n, 1, 1, 1) > 0
-        x = torch.where(to_gray, _luma(x).expand_as(x), x)
+        s = factor(9)  # saturation: blend with the grayscale image
+        gray_x = (1 - s) * _luma(x)  # before x changes in place
+        x = x.mul_(s).add_(gray_x).clamp_(0, 1)
+        gray = p[:, 10] > 0
+        if gray.any():
+            x[gray] = _luma(x[gray]).expand(-1, 3, -1, -1)
     return x
 
 
@@ -161,10 +165,10 @@ def augment_views(
 class LoaderAugment:
     """The loader-side path: runs in DataLoader workers, per sample then per batch.
 
-    ``sample`` decodes one shard sample and crops each view to ``size`` (transforms v2 on the
-    PIL image); ``batch`` colour-jitters a batch of them. Output equals :func:`augment` with the
-    same (seed, epoch, idx, view) up to resampling; it is uint8, so ``normalize`` it on the
-    device before the model."""
+    ``sample`` decodes one shard sample and crops and colour-jitters each view to ``size``;
+    ``batch`` stacks them. Output equals :func:`augment` with the same (seed, epoch, idx, view)
+    up to rounding and resampling; it is uint8, so ``normalize`` it on the device before the
+    model."""
 
     def __init__(
         self, cfg: AugmentConfig, seed: int, epoch: int, size: int, views: int, channels: int
@@ -190,7 +194,8 @@ class LoaderAugment:
         except IMAGE_ERRORS:
             return None
         out = []
-        for sx, sy, angle, tx, ty, flip, *_ in p.tolist():
+        for row in p.tolist():
+            sx, sy, angle, tx, ty, flip = row[:6]
             w, h = im.size
             # The crop box in pixel edges, as the device path's sampling grid spans it; Pillow
             # resizes from a fractional box (v2's resized_crop would round it to whole pixels).
@@ -203,16 +208,25 @@ class LoaderAugment:
                 v = TF.rotate(v, math.degrees(angle), TF.InterpolationMode.BILINEAR)
             if flip < 0:
                 v = TF.horizontal_flip(v)
+            v = _colour_pil(v, row)
             a = np.asarray(v)
             out.append(a[:, :, None] if a.ndim == 2 else a)
         views = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
         return views, torch.from_numpy(p).float(), idx, cls
 
     def batch(self, views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """views uint8 [B, V, C, s, s], params [B, V, 11] → uint8 [B, C, s, s] (one view) or
-        [V, B, C, s, s]."""
-        b, nv = views.shape[:2]
-        x = views.transpose(0, 1).reshape(nv * b, *views.shape[2:]).float().div_(255.0)
-        x = colour(x, params.transpose(0, 1).reshape(nv * b, -1))
-        x = x.mul_(255.0).round_().to(torch.uint8).view(nv, b, *views.shape[2:])
-        return x[0] if nv == 1 else x
+        """views uint8 [B, V, C, s, s] → [B, C, s, s] (one view) or [V, B, C, s, s]."""
+        return views[:, 0] if views.shape[1] == 1 else views.transpose(0, 1).contiguous()
+
+
+def _colour_pil(im: Image.Image, row: list[float]) -> Image.Image:
+    """:func:`colour` for one PIL image with torchvision v2's PIL kernels (Pillow's C code on
+    uint8, which rounds after each step: within a few grey levels of the float version)."""
+    if row[6] > 0:
+        im = TF.adjust_brightness(im, row[7])
+        im = TF.adjust_contrast(im, row[8])
+        if im.mode == "RGB":
+            im = TF.adjust_saturation(im, row[9])
+    if row[10] > 0 and im.mode == "RGB":
+        im = TF.rgb_to_grayscale(im, num_output_channels=3)
+    return im

@@ -99,16 +99,17 @@ def test_loader_path_equals_device_path():
     x = _cifar()
     idx = torch.arange(100, 100 + len(x))
     still = AugmentConfig(crop_scale=(1, 1), crop_ratio=(1, 1), grayscale=0.3)
-    # No resampling: equal up to the loader's rounding to uint8 (half a grey level).
+    # No resampling: the loader's Pillow colour ops round to uint8 after each step, so they
+    # stay within a few grey levels of the float ones.
     diff = normalize(_loader_path(x, idx, still, 3, 2, 32)) - augment(x, idx, still, 3, 2, 32)
-    assert diff.abs().max() * _STD_255 <= 0.5 + 1e-3
-    # Random crops, flips, jitter: the same decisions; pixels differ only by resampling at
-    # the crop borders (mean under one grey level).
+    assert diff.abs().max() * _STD_255 < 4 and diff.abs().mean() * _STD_255 < 2
+    # Random crops, flips, jitter: the same decisions; pixels differ by that rounding and by
+    # resampling at the crop borders. Another epoch's crops are far off.
     cfg = AugmentConfig()
     diff = normalize(_loader_path(x, idx, cfg, 3, 2, 32)) - augment(x, idx, cfg, 3, 2, 32)
-    assert diff.abs().mean() * _STD_255 < 1.0
+    assert diff.abs().mean() * _STD_255 < 2
     other_epoch = normalize(_loader_path(x, idx, cfg, 3, 3, 32)) - augment(x, idx, cfg, 3, 2, 32)
-    assert other_epoch.abs().mean() * _STD_255 > 10 * diff.abs().mean() * _STD_255
+    assert other_epoch.abs().mean() > 10 * diff.abs().mean()
 
 
 _STD_255 = 0.25 * 255  # standardised units → grey levels
@@ -127,7 +128,7 @@ def test_loader_path_pure_and_multi_view():
     dev = augment_views(x, idx, cfg, 0, 1, 24, views=2)
     assert dev.shape == (2, 12, 3, 24, 24)
     assert torch.equal(dev[1], augment(x, idx, cfg, 0, 1, 24, view=1))
-    assert (normalize(two) - dev).abs().mean() * _STD_255 < 1.5
+    assert (normalize(two) - dev).abs().mean() * _STD_255 < 2.5
 
 
 def test_grayscale_images_through_loader_path():
