@@ -349,27 +349,40 @@ def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     temp = Path(f"/tmp/sct{os.getpid()}")  # short: Ray's unix sockets live under it
+    temp.mkdir(exist_ok=True)
+    log = (temp / "head.log").open("w")
     head = subprocess.Popen(
         [bin_dir + "/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={temp}",
+         # other Ray instances may run on this machine: no default ports
+         f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
          "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     try:
-        client = JobSubmissionClient(address)
-        for _ in range(120):
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard's job API takes a few seconds to come up
             try:
-                client.list_jobs()
+                client = JobSubmissionClient(address)
                 break
-            except Exception:
+            except ConnectionError:
+                assert head.poll() is None, (temp / "head.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "Ray head did not come up in 120 s"
                 time.sleep(1)
         quick = ["model.widths=[8,16]", "method.heads=2", "method.relabels=2", "optim.epochs=1",
-                 "optim.batch_size=64", f"data.train={shards}"]  # fmt: skip
-        r = _submit(
-            "--name", "digits-001", "--root", str(tmp_path / "shared"), "--address", address,
-            "configs/quickstart.yaml", *quick, env={**env, "WANDB_API_KEY": key}, timeout=600,
-        )  # fmt: skip
+                 "optim.batch_size=64", "trainer.num_workers=1", "method.init=random",
+                 f"data.train={shards}"]  # fmt: skip
+        for _ in range(15):  # the head's job agent starts a little after the HTTP server
+            r = _submit(
+                "--name", "digits-001", "--root", str(tmp_path / "shared"), "--address", address,
+                "configs/quickstart.yaml", *quick, env={**env, "WANDB_API_KEY": key}, timeout=600,
+            )  # fmt: skip
+            if "No available agent" not in r.stderr:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         run_dir = tmp_path / "shared" / "runs" / "digits-001"
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -385,6 +398,7 @@ def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
                 assert key.encode() not in f.read_bytes(), f
     finally:
         head.terminate()
+        log.close()
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
