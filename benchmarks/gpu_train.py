@@ -129,10 +129,12 @@ def main() -> None:
         # Decoded batches in pinned host memory, with ground truth for the supervised loop.
         need = min(tr.steps_per_epoch, 16)
         batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for images, idx, cls in _with_cls(tr, args.batch):
+        source = _with_cls(tr, args.batch)
+        for images, idx, cls in source:
             batches.append((images.pin_memory(), idx, cls))
             if len(batches) == need:
                 break
+        source.close()
 
         sup = _supervised(cfg, device, args.compile)
 
@@ -219,8 +221,8 @@ def _with_cls(tr: Trainer, batch: int):  # type: ignore[no-untyped-def]
     for _, idx, c in eval_batches(tr.shards, 0, 1, 1024, image_size=8):
         cls[idx] = c
     for images, idx in train_batches(
-        tr.shards, 0, 1, batch, 0, 0, num_workers=tr.loader_workers, image_size=tr.size
-    ):
+        tr.shards, 0, 1, batch, 0, 0, num_workers=0, image_size=tr.size
+    ):  # in-process: the loop stops early, and no worker may outlive it
         yield images, idx, cls[idx].clamp(min=0)
 
 
