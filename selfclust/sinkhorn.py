@@ -48,6 +48,9 @@ _LOG_A_FLOOR = -36.0
 _CHUNK_BYTES = 4 << 20
 # Column sums below this (float64) count as underflowed.
 _C_FLOOR = 1e-300
+# A column whose float32 sum is below this lost its digits to underflow: absorbing its step
+# needs the exact log-domain update.
+_C_UNDERFLOW = 1e-30
 # Over-relaxation: ω stays 1 for the first _OMEGA_WARMUP iterations (the transient is not
 # linear), is re-estimated over windows of at least _OMEGA_WINDOW iterations, never exceeds
 # _OMEGA_MAX (rate ω − 1 if ρ is over-estimated) and is halved towards 1 if the error grows.
@@ -80,9 +83,13 @@ def _exponent(
     """
     if out is None:
         out = logits.to(torch.float32, copy=True)  # the only n × K block we own
+        out.sub_(z_max[:, None])
+    elif logits.dtype == torch.float32:
+        torch.sub(logits, z_max[:, None], out=out)  # one pass instead of copy + sub
     else:
-        out.copy_(logits)
-    return out.sub_(z_max[:, None]).mul_(lam).add_(log_alpha0.to(torch.float32)[None, :])
+        out.copy_(logits).sub_(z_max[:, None])
+    # out = log α₀ + λ · out, one pass
+    return torch.add(log_alpha0.to(torch.float32)[None, :], out, alpha=lam, out=out)
 
 
 def _build_kernel(
@@ -269,7 +276,7 @@ def sinkhorn_knopp(
         if check:
             err_t = (c[1] * a.to(torch.float64) * k - 1.0).abs().max()
             spread_t = nxt.max() - nxt.min()
-            error, spread = torch.stack([err_t, spread_t]).tolist()  # host-device sync
+            error, spread, c_min = torch.stack([err_t, spread_t, c[0].min()]).tolist()  # sync
             was_fresh, fresh = fresh, False
             if error < tol:
                 converged = True
@@ -277,8 +284,12 @@ def sinkhorn_knopp(
             if it == max_iters:
                 break
             if not spread <= _ABSORB:
-                # Scalings drifted (or a column underflowed): exact step, absorb it into P.
-                log_alpha0 = _exact_log_alpha(logits, z_max, lam, log_alpha0, m, b_ex, p, group)
+                # Scalings drifted: absorb the next column step into P. If a column underflowed
+                # (a cluster no sample prefers) its step is unknown: take an exact one instead.
+                if c_min < _C_UNDERFLOW:
+                    log_alpha0 = _exact_log_alpha(logits, z_max, lam, log_alpha0, m, b_ex, p, group)
+                else:
+                    log_alpha0 = (log_alpha0 + nxt - nxt.max()).to(torch.float32).double()
                 p, m = _build_kernel(logits, z_max, lam, log_alpha0, p)
                 a.fill_(1.0)
                 log_a.zero_()
