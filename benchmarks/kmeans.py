@@ -98,6 +98,7 @@ def main() -> None:
             max_points_per_centroid=args.n,
         )
         km.train(xs, init_centroids=init_np)
+        assert km.centroids is not None
         return km.centroids
 
     c, t = timed(lambda: faiss_run(False))
