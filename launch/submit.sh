@@ -13,9 +13,12 @@
 #
 # Secrets: WANDB_API_KEY, when set, reaches the job only through its runtime environment
 # (env_vars). This script hands it to `ray job submit` through a pipe (--runtime-env /dev/fd/N):
-# it is not written to a file, not placed on any command line, not echoed. Ray keeps the
-# runtime env with the job, so anyone who can reach the cluster's dashboard can read it
-# (`ray job list`): keep port 8265 private (use `ray dashboard CLUSTER.yaml`, an SSH tunnel).
+# it is not written to a file, not placed on any command line, not echoed. On the cluster,
+# Ray itself keeps the runtime env with the job (readable by anyone who reaches the dashboard:
+# `ray job list`; keep port 8265 private and use `ray dashboard CLUSTER.yaml`, an SSH tunnel)
+# and its runtime_env_agent.log on the nodes records it (Ray 2.60, INFO level). Where the key
+# must touch no disk at all, give it to the nodes' environment instead (KubeRay Secret, see
+# launch/kuberay-rayjob.yaml) and unset WANDB_API_KEY here.
 set -euo pipefail
 
 usage() {
