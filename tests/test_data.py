@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import io
 import json
 import os
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -252,30 +250,6 @@ def test_image_folder_channels_and_unknown_classes(tmp_path) -> None:
     write_shards(tmp_path / "nolabels.npz", tmp_path / "nl")
     (_, _, cls), *_ = eval_batches(ShardSet.open(str(tmp_path / "nl")), 0, 1, 100)
     assert (cls == -1).all()
-
-
-def test_http_shards(sets, tmp_path) -> None:
-    root = Path(sets["even"].root)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        shards = ShardSet.open(f"http://127.0.0.1:{server.server_address[1]}/")
-        assert shards.urls[0].startswith("http://") and shards.num_samples == 1797
-        assert sorted(idx_list(eval_batches(shards, 1, 2, 100))) == sorted(
-            idx_list(eval_batches(sets["even"], 1, 2, 100))
-        )
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_global_reshuffle_moves_shards_between_ranks(sets) -> None:
