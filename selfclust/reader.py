@@ -90,7 +90,7 @@ def tar_samples(stream: Any) -> Iterator[dict]:
             f = tar.extractfile(member)
             current.setdefault("__key__", key)
             current[ext] = f.read() if f is not None else b""
-            tar.members = []  # streaming: don't keep every TarInfo of a large shard
+            tar.members = []  # type: ignore[attr-defined]  # streaming: don't keep every TarInfo of a large shard
     if current:
         yield current
 

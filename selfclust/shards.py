@@ -96,6 +96,7 @@ def encode_item(raw: tuple, opts: dict[str, Any]) -> tuple[str, bytes, tuple[int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im: Image.Image
             if raw[0] == "bytes":
                 im = Image.open(io.BytesIO(raw[2]))
                 src_format = im.format

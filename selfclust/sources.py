@@ -226,7 +226,7 @@ def _torchvision_source(spec: str, root: str | os.PathLike | None) -> Source:
         raise ValueError(f"{spec}: torchvision.datasets has no dataset {name!r}")
     if root is None:
         raise ValueError(f"{spec}: pass root= (--root DIR), the folder the dataset is stored in")
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = {}
     if "download" in params:
         kwargs["download"] = False
@@ -257,7 +257,7 @@ def _torchvision_source(spec: str, root: str | os.PathLike | None) -> Source:
     samples = getattr(ds, "samples", None) or getattr(ds, "imgs", None)
     data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
     if isinstance(samples, list) and samples and isinstance(samples[0][0], str):
-        files = [(Path(p), int(t)) for p, t in samples]  # folder-style: keep the file bytes
+        files: list[tuple[Path, int | None]] = [(Path(p), int(t)) for p, t in samples]  # files
         return _files_source(files, classes, desc, info)
     if data is not None and targets is not None and len(data) == len(ds):
         x, y = check_arrays(np.asarray(data), np.asarray(targets), desc)  # in-memory arrays
