@@ -78,7 +78,7 @@ def load_run(
     ckpt = target if (target / "state.pt").is_file() else latest_checkpoint(target)
     state = read_state(ckpt)
     cfg = RunConfig.model_validate(state["config"])
-    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train)
+    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train, cfg.data.io_timeout_s)
     m = cfg.method
     model = SelfLabelNet(cfg.model, shards.channels, m.heads, m.clusters)
     model.load_state_dict(state["model"], strict=True)
@@ -109,7 +109,7 @@ def evaluate(target: str | Path, data: str | None = None, batch_size: int = 512)
     """Load a run dir's final checkpoint (or a checkpoint dir) and score every head."""
     target = Path(target)
     model, cfg, ckpt, state = load_run(target, data)
-    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train)
+    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train, cfg.data.io_timeout_s)
     result = score_model(
         model,
         shards,

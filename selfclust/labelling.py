@@ -27,6 +27,7 @@ class Embedded:
     features: torch.Tensor  # [n_r, D] float32, on the compute device
     idx: torch.Tensor  # [n_r] int64 global sample index, CPU
     cls: torch.Tensor  # [n_r] int64 ground truth (-1 unknown), CPU; evaluation only
+    skipped: int = 0  # samples of all ranks that were not delivered (corrupt or unreadable)
 
 
 @torch.no_grad()
@@ -38,7 +39,11 @@ def embed(
     num_samples: int,
     group: Any = C.WORLD,
 ) -> Embedded:
-    """Pooled features of every sample this rank reads; checks the global count equals N."""
+    """Pooled features of every sample this rank reads.
+
+    Checks, over all ranks, that the samples seen plus those the reader skipped as bad data
+    (``batches.stats``, when it has one) equal N.
+    """
     module = backbone if isinstance(backbone, nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
@@ -53,18 +58,23 @@ def embed(
         module.train(was_training)
     # Count first, on every rank, so that a rank with nothing to read cannot raise alone.
     local = sum(len(i) for i in idxs)
-    counts = C.all_reduce_sum(torch.tensor([local, int(local == 0)], dtype=torch.int64), group)
+    stats = getattr(batches, "stats", None)
+    skipped = stats.skipped if stats is not None else 0
+    counts = C.all_reduce_sum(
+        torch.tensor([local, int(local == 0), skipped], dtype=torch.int64), group
+    )
     if int(counts[1]):
         raise RuntimeError(
             f"{int(counts[1])} rank(s) read no samples in the label pass: the dataset has fewer "
             "shards than ranks can share; write smaller shards (--shard-size) or use fewer workers"
         )
-    out = Embedded(torch.cat(feats), torch.cat(idxs).long(), torch.cat(clss).long())
-    seen = counts[:1]
-    if int(seen.item()) != num_samples:
+    seen, bad = int(counts[0]), int(counts[2])
+    out = Embedded(torch.cat(feats), torch.cat(idxs).long(), torch.cat(clss).long(), bad)
+    if seen + bad != num_samples:
         raise RuntimeError(
-            f"label pass saw {int(seen.item())} samples across all ranks, the manifest says "
-            f"{num_samples}: shards are missing, unreadable or were changed after writing"
+            f"label pass saw {seen} samples (and skipped {bad} bad ones) across all ranks, the "
+            f"manifest says {num_samples}: shards were changed after writing, or a sample "
+            "index appears twice; rewrite them with `selfclust shard`"
         )
     return out
 
@@ -120,20 +130,34 @@ def sinkhorn_labels(
 
 
 def gather_bank(
-    local_labels: torch.Tensor, idx: torch.Tensor, num_samples: int, group: Any = C.WORLD
+    local_labels: torch.Tensor,
+    idx: torch.Tensor,
+    num_samples: int,
+    group: Any = C.WORLD,
+    skipped: int = 0,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scatter every rank's ``[T, n_r]`` labels into a full ``[T, N]`` bank on every rank."""
+    """Scatter every rank's ``[T, n_r]`` labels into a full ``[T, N]`` bank on every rank.
+
+    ``skipped`` samples (bad data, counted by the label pass) may be absent; their columns
+    keep ``fill``'s labels (the current bank): they are never trained on anyway.
+    """
     rows = torch.cat([idx[:, None], local_labels.t()], dim=1).contiguous()  # [n_r, 1 + T]
     everything = C.all_gather_cat(rows, group)
     gidx = everything[:, 0]
-    if len(gidx) != num_samples or not torch.equal(
-        torch.sort(gidx).values, torch.arange(num_samples, dtype=gidx.dtype)
-    ):
+    unique = len(torch.unique(gidx)) == len(gidx)
+    in_range = len(gidx) == 0 or (int(gidx.min()) >= 0 and int(gidx.max()) < num_samples)
+    if not (unique and in_range and len(gidx) + skipped == num_samples):
         raise RuntimeError(
             "label pass did not see every sample index exactly once across ranks "
-            f"({len(gidx)} rows for N={num_samples}): duplicate or missing idx in the shards"
+            f"({len(gidx)} rows + {skipped} skipped for N={num_samples}): duplicate or "
+            "out-of-range idx in the shards"
         )
-    bank = torch.empty(local_labels.shape[0], num_samples, dtype=torch.int64)
+    if skipped and fill is None:
+        raise RuntimeError(f"{skipped} samples were skipped and no labels were given to keep")
+    T = local_labels.shape[0]
+    bank = fill.clone() if skipped and fill is not None else torch.empty(T, num_samples)
+    bank = bank.to(torch.int64)
     bank[:, gidx] = everything[:, 1:].t()
     return bank
 

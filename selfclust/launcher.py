@@ -75,9 +75,9 @@ def preflight(cfg: RunConfig) -> None:
     """Check what depends on the data before any worker starts, so errors read plainly."""
     from selfclust.data import ShardSet, steps_per_epoch
 
-    shards = ShardSet.open(cfg.data.train)
+    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     if cfg.data.eval:
-        ShardSet.open(cfg.data.eval)
+        ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s)
     n, m = shards.num_samples, cfg.method
     if m.clusters > n:
         raise ValueError(

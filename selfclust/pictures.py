@@ -312,7 +312,7 @@ def run_pictures(
 
     run_dir = Path(run_dir)
     model, cfg, ckpt, state = load_run(run_dir, data)
-    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train)
+    shards = ShardSet.open(data or cfg.data.eval or cfg.data.train, cfg.data.io_timeout_s)
     head_loss = state["extra"].get("head_loss")
     head = int(torch.argmin(head_loss).item()) if head_loss is not None and head_loss.any() else 0
     a = assign(model, shards, head, cfg.data.image_size, max_samples)

@@ -339,8 +339,8 @@ def _probe_here(
     model, run_cfg, ckpt, _ = load_run(target, data)
     if cfg.hflip is None:
         cfg = replace(cfg, hflip=run_cfg.augment.hflip)
-    train = ShardSet.open(data or run_cfg.data.train)
-    ev = ShardSet.open(eval_data) if eval_data else None
+    train = ShardSet.open(data or run_cfg.data.train, run_cfg.data.io_timeout_s)
+    ev = ShardSet.open(eval_data, run_cfg.data.io_timeout_s) if eval_data else None
     size = image_size or run_cfg.data.image_size
     result = probe_model(model, train, ev, cfg, image_size=size)
     result.update(checkpoint=str(Path(ckpt).resolve()), data=train.root, image_size=size)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.augment import augment
+from selfclust.augment import augment, normalize
 from selfclust.bank import LabelBank
 from selfclust.checkpoint import Position, check_compatible, make_state, read_state, write_state
 from selfclust.config import RunConfig
@@ -61,7 +61,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ctx: WorkerContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.shards = ShardSet.open(cfg.data.train)
+        self.shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
         self.n = self.shards.num_samples
         m = cfg.method
         channels = self.shards.channels
@@ -115,6 +115,11 @@ class Trainer:
         self.window_loss = torch.zeros(m.heads)
         self.window_n = 0
         self.preemption_saved = False  # one just-in-time checkpoint per notice
+        # Bad data met in training over the whole run (all ranks): corrupt images, samples
+        # of unreadable shards, unreadable shards; checkpointed, reported in the summary.
+        self.data_bad = torch.zeros(3, dtype=torch.int64)
+        # Augment in the loader workers (per-sample torchvision v2) or batched on the device.
+        self.loader_augment = cfg.augment if cfg.augment.where == "loader" else None
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -131,6 +136,7 @@ class Trainer:
                 "window_loss": self.window_loss.clone(),
                 "window_n": self.window_n,
                 "world_size": self.ctx.world_size,
+                "data_bad": self.data_bad.clone(),
             },
         )
 
@@ -145,6 +151,7 @@ class Trainer:
         self.head_loss = state["extra"]["head_loss"].clone()
         self.window_loss = state["extra"]["window_loss"].clone()
         self.window_n = int(state["extra"]["window_n"])
+        self.data_bad = state["extra"].get("data_bad", self.data_bad).clone()
         # Steps after this checkpoint may already be in metrics.jsonl from the lost attempt;
         # this line marks where the resumed attempt's records start.
         record: dict[str, Any] = {
@@ -237,7 +244,9 @@ class Trainer:
                 sinkhorn_iters=max(st.iterations),
                 sinkhorn_error=max(st.errors),
             )
-        new = gather_bank(local, emb.idx, self.n)
+        new = gather_bank(local, emb.idx, self.n, skipped=emb.skipped, fill=self.bank.labels)
+        if emb.skipped:
+            record["data_skipped"] = emb.skipped
         record["label_change"] = self.bank.assign(new)
         if self.ctx.rank == 0 and new.shape[0] > 1:  # rank 0 only: no collectives inside
             agree = head_agreement(new[:, :100_000].numpy())  # capped: 45 NMIs at N=1.28M stall
@@ -257,14 +266,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        x = augment(
-            images.to(self.ctx.device, non_blocking=True),
-            idx,
-            cfg.augment,
-            cfg.seed,
-            self.pos.epoch,
-            self.size,
-        )
+        images = images.to(self.ctx.device, non_blocking=True)
+        if self.loader_augment is not None:  # already cropped and jittered by the loader
+            x = normalize(images)
+        else:
+            x = augment(images, idx, cfg.augment, cfg.seed, self.pos.epoch, self.size)
         if self.memory_format is not None:
             x = x.contiguous(memory_format=self.memory_format)
         targets = self.bank.lookup(idx).to(self.ctx.device, non_blocking=True)  # [T, B] by idx
@@ -306,6 +312,7 @@ class Trainer:
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 skip_steps=self.pos.step_in_epoch,
                 image_size=self.size,
+                loader_augment=self.loader_augment,
                 pin_memory=self.pin_memory,
             )
             for images, idx in batches:
@@ -319,13 +326,14 @@ class Trainer:
                 self.pos.global_step += 1
                 self.pos.step_in_epoch += 1
                 if self.pos.global_step % cfg.trainer.log_every == 0:
-                    self._log_train(self.window_loss / self.window_n)
+                    self._log_train(self.window_loss / self.window_n, self._bad_data(batches))
                     self.window_loss.zero_()
                     self.window_n = 0
                 if every and self.pos.global_step % every == 0:
                     if self.pos.step_in_epoch < self.steps_per_epoch:
                         self._check_finite(self.window_loss)
                         self.checkpoint({"kind": "step"})
+            self.data_bad += C.all_reduce_sum(self._bad_data(batches))
             self.pos.epoch += 1
             self.pos.step_in_epoch = 0
             self._check_finite(self.window_loss)
@@ -367,9 +375,18 @@ class Trainer:
                 "rank(s); the last good checkpoint is kept. Lower optim.lr or set optim.grad_clip"
             )
 
-    def _log_train(self, mean_losses: torch.Tensor) -> None:
-        # One all-reduce of T floats: the mean over ranks, identical on all of them.
-        mean_losses = C.all_reduce_sum(mean_losses.clone()) / self.ctx.world_size
+    @staticmethod
+    def _bad_data(batches: Any) -> torch.Tensor:
+        """This rank's bad-data counts in the epoch so far (summed over loader workers)."""
+        st = batches.stats
+        return torch.tensor([st.corrupt_images, st.missing_samples, len(st.bad_shards)])
+
+    def _log_train(self, mean_losses: torch.Tensor, bad: torch.Tensor) -> None:
+        # One all-reduce: the mean loss per head over ranks, and bad data in this epoch so far.
+        t = len(mean_losses)
+        both = C.all_reduce_sum(torch.cat([mean_losses.double(), bad.double()]))
+        mean_losses = (both[:t] / self.ctx.world_size).float()
+        bad_epoch = both[t:].long()
         if not torch.isfinite(mean_losses).all():
             raise FloatingPointError(
                 f"loss became non-finite at step {self.pos.global_step}: "
@@ -390,6 +407,12 @@ class Trainer:
             "images_per_s": ips,
             **{f"loss_head{t}": float(v) for t, v in enumerate(mean_losses)},
         }
+        if bad_epoch.any():
+            record.update(
+                data_corrupt_images=int(bad_epoch[0]),
+                data_missing_samples=int(bad_epoch[1]),
+                data_bad_shards=int(bad_epoch[2]),
+            )
         self.log.log(record)
         self.progress.line(self.pos.global_step, self.pos.epoch, self.cfg.optim.epochs, loss, ips)
 
@@ -408,7 +431,11 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        eval_shards = self.shards if not cfg.data.eval else ShardSet.open(cfg.data.eval)
+        eval_shards = (
+            self.shards
+            if not cfg.data.eval
+            else ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s)
+        )
         result = self.evaluate(eval_shards)
         # Best head chosen without ground truth: lowest training loss (as IIC picks its head).
         best = int(torch.argmin(self.head_loss).item()) if self.head_loss.any() else 0
@@ -420,6 +447,10 @@ class Trainer:
             "epochs": self.pos.epoch,
             "num_samples": result["num_samples"],
             "model_digest": model_digest(self.model),
+            # bad data met in training over the run, all ranks (each encounter counted)
+            "data_corrupt_images": int(self.data_bad[0]),
+            "data_missing_samples": int(self.data_bad[1]),
+            "data_bad_shards": int(self.data_bad[2]),
         }
         for key in ("acc", "nmi", "ari"):
             value = result["heads"][best].get(key)

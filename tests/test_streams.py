@@ -281,3 +281,19 @@ def _count_rank(rank: int, world: int, spec: str) -> list[int]:
 def test_label_pass_count_all_reduced_over_ranks(corrupt: Path, tmp_path: Path) -> None:
     counts = run_ranks(_count_rank, 2, tmp_path / "ranks", str(corrupt))
     assert counts == [[N - len(BAD), len(BAD)]] * 2
+
+
+def test_training_survives_corrupt_images_and_reports_them(corrupt: Path, tmp_path: Path) -> None:
+    """2 gloo ranks train on shards with 3 bad images: the run completes, the label passes
+    skip and count them, and summary.json reports what training met."""
+    from tests.test_train import run_rank
+
+    out = run_ranks(run_rank, 2, tmp_path / "ranks", str(corrupt), str(tmp_path), None)
+    summary = out[0]["summary"]
+    assert summary["steps"] == 2 * (N // 64)
+    # each epoch meets every bad image once, on whichever rank reads it
+    assert summary["data_corrupt_images"] == 2 * len(BAD)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    passes = [x for x in lines if x.get("event") in ("relabel", "init_kmeans_pixels")]
+    assert passes and all(x["data_skipped"] == len(BAD) for x in passes)
+    assert summary["num_samples"] == N - len(BAD)  # evaluation scores the readable samples
