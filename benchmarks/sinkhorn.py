@@ -1,7 +1,8 @@
 """Benchmark: selfclust's Sinkhorn vs a float64 numpy SeLa-style solver, the one-read floor,
 and 2 gloo ranks vs 1, all measured in one run.
 
-    python benchmarks/sinkhorn.py                      # N=100k, K=1000, λ=25 (CPU, ~2-4 min)
+    python benchmarks/sinkhorn.py                      # N=100k, K=1000, λ=25: ~7 min on 2 cores
+    python benchmarks/sinkhorn.py --skip-sela          # without the SeLa-style baseline: ~1 min
     python benchmarks/sinkhorn.py --n 20000 --k 500    # quicker
     python benchmarks/sinkhorn.py --gpu                # ImageNet size: N=1.28M, K=3000, 10 heads
 
