@@ -48,6 +48,10 @@ class IncompatibleCheckpoint(ValueError):
 def check_compatible(saved: dict[str, Any], current: RunConfig, where: str) -> None:
     """Refuse to continue a checkpoint whose run-defining config differs; name the keys."""
     now = current.to_dict()
+    try:  # keys added to selfclust since the checkpoint was written take their defaults
+        saved = RunConfig.model_validate(saved).to_dict()
+    except ValueError:
+        pass  # a key since removed or renamed: compare as written (the diff names it)
     diffs: list[str] = []
     for key in SECTIONS_FIXED:
         a, b = saved.get(key), now.get(key)

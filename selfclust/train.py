@@ -233,6 +233,8 @@ class Trainer:
                 self.cfg.seed,
                 self.n,
                 l2_normalize=not pixels,
+                init_heads=self.model.heads if m.kmeans_init_heads else None,
+                niter=m.kmeans_iters,
             )
             record["event"] = f"init_{m.init}"
         else:

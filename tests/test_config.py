@@ -74,3 +74,16 @@ def test_shipped_configs_load():
     assert configs
     for c in configs:
         load_config(c)
+
+
+def test_checkpoint_compatibility_tolerates_new_keys_with_defaults() -> None:
+    from selfclust.checkpoint import IncompatibleCheckpoint, check_compatible
+    from selfclust.config import load_config
+
+    cfg = load_config(None, [])
+    old = cfg.to_dict()
+    del old["method"]["kmeans_iters"]  # written by a selfclust that had no such key
+    check_compatible(old, cfg, "old checkpoint")  # the default fills it: compatible
+    changed = load_config(None, ["method.kmeans_iters=3"])
+    with pytest.raises(IncompatibleCheckpoint, match="method.kmeans_iters"):
+        check_compatible(old, changed, "old checkpoint")
