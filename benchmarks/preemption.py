@@ -28,7 +28,7 @@ ROOT = Path(__file__).parents[1]
 DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_faults import CLUSTER_SCRIPT, train_workers  # noqa: E402
+from test_faults import CLUSTER_SCRIPT, FAULT_RUN, train_workers  # noqa: E402
 
 
 def records(run: Path) -> list[dict]:
@@ -81,18 +81,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--every-steps", type=int, default=25, help="checkpoint.every_steps")
     args = ap.parse_args()
+    # the fault tests' run, logging every step, with its own checkpoint interval
     overrides = [
-        "model.widths=[8,16]",
-        "method.heads=1",
-        "method.relabels=4",
-        "method.relabel_start=0.0",
-        "optim.epochs=20",
-        "optim.batch_size=64",
-        f"checkpoint.every_steps={args.every_steps}",
-        "trainer.log_every=1",
-        "trainer.max_failures=2",
-        "wandb.mode=disabled",
-    ]
+        o
+        for o in FAULT_RUN
+        if not o.startswith(("checkpoint.every_steps", "trainer.log_every", "wandb.mode"))
+    ] + [f"checkpoint.every_steps={args.every_steps}", "trainer.log_every=1", "wandb.mode=disabled"]
     tmp = Path(tempfile.mkdtemp(prefix="selfclust-preempt-"))
     from selfclust.shards import write_shards
 

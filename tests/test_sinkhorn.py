@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,7 @@ from selfclust.sinkhorn import SinkhornResult, sinkhorn_knopp
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors, many ops: OpenMP on a busy 2-core CI box is 10-50x slower than 1 thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan(res: SinkhornResult, logits: torch.Tensor, lam: float) -> torch.Tensor:
