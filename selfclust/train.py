@@ -53,6 +53,8 @@ class WorkerContext:
     # preemption(): a barrier returning {"deadline_ms", "ranks"} once a node of this worker
     # group is being reclaimed (Ray's drain notice), else None.
     preemption: Callable[[], dict[str, Any] | None] = lambda: None
+    # preemption_seen(): this rank's local view of a notice, no barrier (None: unknown).
+    preemption_seen: Callable[[], bool | None] = lambda: False
 
 
 class Trainer:
@@ -350,6 +352,10 @@ class Trainer:
         """
         every = self.cfg.trainer.preemption_check_every
         if not every or self.pos.global_step % every or self.preemption_saved:
+            return
+        seen = self.ctx.preemption_seen()
+        flag = torch.tensor([1.0 if seen is None or seen else 0.0])
+        if not C.all_reduce_max(flag).item():  # µs over gloo; Ray's barrier only on a notice
             return
         info = self.ctx.preemption()
         if info is None:
