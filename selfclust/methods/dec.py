@@ -1,0 +1,142 @@
+"""DEC (Xie, Girshick, Farhadi, ICML 2016): Student-t assignment, sharpened target, KL loss.
+
+Notation follows the paper: embeddings ``z_i = f_θ(x_i)``, centroids ``μ_j``,
+
+    q_ij ∝ (1 + ‖z_i − μ_j‖² / α)^(−(α+1)/2)          soft assignment (eq. 1), α = 1
+    p_ij ∝ q_ij² / f_j,   f_j = Σ_i q_ij             target (eq. 3), f over the WHOLE dataset
+    L = KL(P ‖ Q) = Σ_i Σ_j p_ij log(p_ij / q_ij)     loss (eq. 2)
+
+Distributed: ``f`` is the only global statistic. Each rank sums the rows it holds and one
+all-reduce of a K-vector (float64) makes it global; q and p are never gathered. The stopping
+rule compares argmax assignments between two target refreshes with one all-reduce of two
+counts. Everything is computed in log space, so a far-away centroid gives a tiny q, never 0/0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfclust import collectives as C
+from selfclust.kmeans import distributed_centroids, objective, sample_pool
+
+
+def squared_distances(z: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``‖z_i − μ_j‖²`` ``[n, K]`` as ``‖z‖² − 2 z·μ + ‖μ‖²`` (one matmul, no [n, K, d] block),
+    clamped at 0 against cancellation."""
+    d2 = z.square().sum(1, keepdim=True) - 2.0 * z @ mu.t() + mu.square().sum(1)[None, :]
+    return d2.clamp_min(0.0)
+
+
+def student_t_log_q(z: torch.Tensor, mu: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``log q_ij`` ``[n, K]`` of eq. 1 (rows sum to 1 in probability space)."""
+    if alpha <= 0:
+        raise ValueError(f"Student-t degrees of freedom must be > 0, got alpha={alpha}")
+    if z.shape[1] != mu.shape[1]:
+        raise ValueError(f"embeddings are {z.shape[1]}-d but centroids {mu.shape[1]}-d")
+    log_kernel = -(alpha + 1.0) / 2.0 * torch.log1p(squared_distances(z, mu) / alpha)
+    return log_kernel - torch.logsumexp(log_kernel, dim=1, keepdim=True)
+
+
+def soft_frequencies(q: torch.Tensor, group: Any = C.WORLD) -> torch.Tensor:
+    """``f_j = Σ_i q_ij`` over the rows of every rank: ``[K]`` float64, one all-reduce."""
+    return C.all_reduce_sum(q.detach().double().sum(0), group)
+
+
+def target_log_p(log_q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``log p_ij`` ``[n, K]`` of eq. 3 from this rank's ``log q`` and the global ``f`` [K].
+
+    Computed in float64 (the squaring doubles the dynamic range of q) and detached: the target
+    is a constant for the loss, as in DEC's alternating scheme.
+    """
+    if f.shape != (log_q.shape[1],) or not bool((f > 0).all()):
+        raise ValueError(f"f must be a positive [{log_q.shape[1]}] vector, got {tuple(f.shape)}")
+    s = 2.0 * log_q.detach().double() - f.double().log()[None, :]
+    return s - torch.logsumexp(s, dim=1, keepdim=True)
+
+
+def kl_loss(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(P ‖ Q)`` of eq. 2 averaged over the batch rows (the paper sums; the mean keeps the
+    step size independent of the batch size). Gradients flow through ``log_q`` only."""
+    p = log_p.exp().to(log_q.dtype)
+    return (p * (log_p.to(log_q.dtype) - log_q)).sum(1).mean()
+
+
+def assignment_change(previous: torch.Tensor, current: torch.Tensor, group: Any = C.WORLD) -> float:
+    """Fraction of samples (over all ranks) whose argmax cluster changed between two refreshes.
+
+    ``previous`` and ``current`` are this rank's hard assignments ``[n_r]`` of the same samples
+    in the same order. One all-reduce of two int64 counts.
+    """
+    if previous.shape != current.shape:
+        raise ValueError(f"assignments differ in shape: {previous.shape} vs {current.shape}")
+    counts = torch.tensor([int((previous != current).sum()), previous.numel()])
+    counts = C.all_reduce_sum(counts, group)
+    if int(counts[1]) == 0:
+        raise ValueError("no assignments on any rank: the label pass read no samples")
+    return float(counts[0]) / float(counts[1])
+
+
+@dataclass
+class StopRule:
+    """DEC's convergence test: stop once fewer than ``tol`` (a fraction: DEC's tol = 0.1 % is
+    0.001) of the assignments change between two consecutive target refreshes."""
+
+    tol: float = 0.001
+    last_change: float | None = None
+    stopped: bool = False
+
+    def update(self, change: float) -> bool:
+        """Record the change measured at a refresh; returns whether training should stop."""
+        self.last_change = change
+        self.stopped = self.stopped or change < self.tol
+        return self.stopped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tol": self.tol, "last_change": self.last_change, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tol = float(state["tol"])
+        self.last_change = state["last_change"]
+        self.stopped = bool(state["stopped"])
+
+
+class ClusteringLayer(nn.Module):
+    """The learnable centroids ``μ`` ``[K, d]``; ``layer(z)`` returns ``log q`` ``[B, K]``."""
+
+    def __init__(self, clusters: int, embed_dim: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        if clusters < 2:
+            raise ValueError(f"DEC needs at least 2 clusters, got {clusters}")
+        self.alpha = alpha
+        self.centroids = nn.Parameter(torch.zeros(clusters, embed_dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return student_t_log_q(z, self.centroids, self.alpha)
+
+
+def kmeans_centroids(
+    embeddings: torch.Tensor,
+    idx: torch.Tensor,
+    num_samples: int,
+    clusters: int,
+    restarts: int = 20,
+    samples: int = 100_000,
+    seed: int = 0,
+    niter: int = 25,
+    group: Any = C.WORLD,
+) -> torch.Tensor:
+    """Initial centroids ``[K, d]``: the best of ``restarts`` k-means runs (DEC: 20) by
+    k-means objective on a global sample of the embeddings.
+
+    The sample is picked by global index (:func:`selfclust.kmeans.sample_pool`), so the result
+    does not depend on the number of ranks; rank 0 runs faiss and broadcasts the runs, and every
+    rank scores them on the same pool, so all ranks pick the same one.
+    """
+    pool = sample_pool(embeddings.float(), idx, num_samples, samples, seed, group)
+    runs = distributed_centroids(pool, restarts, clusters, seed, niter, pool.device, group)
+    scores = [objective(pool, runs[r]) for r in range(restarts)]
+    return runs[min(range(restarts), key=scores.__getitem__)].clone()
