@@ -1,0 +1,192 @@
+"""DEC: formulas against a float64 numpy transcription of the paper, the paper's gradients,
+2 gloo ranks against one process, and a short run on real digits that beats pixel k-means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfclust.kmeans import assign, kmeans
+from selfclust.methods import dec
+from selfclust.methods.autoencoder import MLPAutoencoder, denoising_loss, mlp
+from selfclust.metrics import cluster_accuracy
+
+DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def np_q(z: np.ndarray, mu: np.ndarray, alpha: float) -> np.ndarray:
+    """Eq. 1, literally."""
+    q = np.zeros((len(z), len(mu)))
+    for i in range(len(z)):
+        for j in range(len(mu)):
+            q[i, j] = (1 + np.sum((z[i] - mu[j]) ** 2) / alpha) ** (-(alpha + 1) / 2)
+    return q / q.sum(1, keepdims=True)
+
+
+def np_p(q: np.ndarray) -> np.ndarray:
+    """Eq. 3 with f_j = Σ_i q_ij over all rows."""
+    w = q**2 / q.sum(0)[None, :]
+    return w / w.sum(1, keepdims=True)
+
+
+def small(seed: int = 0, n: int = 37, k: int = 5, d: int = 4) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(
+        k, d, generator=g, dtype=torch.float64
+    )
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_soft_assignment_target_and_loss_match_the_paper(alpha: float) -> None:
+    z, mu = small()
+    z[3] = mu[1]  # a point exactly on a centroid
+    log_q = dec.student_t_log_q(z, mu, alpha)
+    q_ref = np_q(z.numpy(), mu.numpy(), alpha)
+    assert np.allclose(log_q.exp().numpy(), q_ref, rtol=1e-12, atol=1e-14)
+    f = dec.soft_frequencies(log_q.exp(), group=None)
+    assert np.allclose(f.numpy(), q_ref.sum(0), rtol=1e-12)
+    log_p = dec.target_log_p(log_q, f)
+    p_ref = np_p(q_ref)
+    assert np.allclose(log_p.exp().numpy(), p_ref, rtol=1e-10)
+    kl_ref = np.sum(p_ref * np.log(p_ref / q_ref)) / len(z)  # eq. 2, per sample
+    assert float(dec.kl_loss(log_p, log_q)) == pytest.approx(kl_ref, rel=1e-10)
+
+
+def test_gradients_are_the_papers_eq_4_and_5() -> None:
+    z, mu = small(1)
+    z.requires_grad_(True)
+    mu.requires_grad_(True)
+    alpha = 1.0
+    log_q = dec.student_t_log_q(z, mu, alpha)
+    log_p = dec.target_log_p(log_q, dec.soft_frequencies(log_q.exp(), None))
+    (dec.kl_loss(log_p, log_q) * len(z)).backward()  # the paper's L sums over i
+    zn, mun = z.detach().numpy(), mu.detach().numpy()
+    q, p = np_q(zn, mun, alpha), log_p.exp().numpy()
+    diff = zn[:, None, :] - mun[None, :, :]  # [n, K, d] z_i − μ_j
+    kern = 1 / (1 + (diff**2).sum(-1) / alpha)  # (1 + ‖z_i − μ_j‖²/α)^-1
+    coef = (alpha + 1) / alpha * kern * (p - q)  # [n, K]
+    dz = (coef[:, :, None] * diff).sum(1)
+    dmu = -(coef[:, :, None] * diff).sum(0)
+    assert z.grad is not None and mu.grad is not None
+    assert np.allclose(z.grad.numpy(), dz, rtol=1e-9, atol=1e-12)
+    assert np.allclose(mu.grad.numpy(), dmu, rtol=1e-9, atol=1e-12)
+
+
+def test_far_centroid_and_bad_input() -> None:
+    z = torch.zeros(3, 2)
+    mu = torch.tensor([[0.0, 0.0], [1e18, 1e18]])
+    log_q = dec.student_t_log_q(z, mu)
+    assert torch.isfinite(log_q).all() and torch.allclose(log_q[:, 0].exp(), torch.ones(3))
+    assert torch.isfinite(dec.target_log_p(log_q, torch.tensor([3.0, 1e-30]))).all()
+    with pytest.raises(ValueError, match="alpha"):
+        dec.student_t_log_q(z, mu, alpha=0)
+    with pytest.raises(ValueError, match="3-d but centroids 2-d"):
+        dec.student_t_log_q(torch.zeros(2, 3), mu)
+    with pytest.raises(ValueError, match="positive"):
+        dec.target_log_p(log_q, torch.tensor([1.0, 0.0]))
+
+
+def test_stop_rule_and_state() -> None:
+    rule = dec.StopRule(tol=0.001)
+    assert not rule.update(0.01)
+    assert rule.update(0.0005)
+    again = dec.StopRule()
+    again.load_state_dict(rule.state_dict())
+    assert again.stopped and again.last_change == 0.0005
+    before = torch.tensor([0, 1, 2, 3])
+    assert dec.assignment_change(before, torch.tensor([0, 1, 0, 0]), None) == 0.5
+
+
+def test_autoencoder_shapes_and_denoising_loss() -> None:
+    ae = MLPAutoencoder(64, 10)
+    assert [m.out_features for m in ae.encoder if isinstance(m, torch.nn.Linear)] == [
+        500,
+        500,
+        2000,
+        10,
+    ]
+    out = ae(torch.rand(5, 1, 8, 8))
+    assert out.embedding.shape == (5, 10) and out.reconstruction.shape == (5, 64)
+    x = torch.rand(5, 64)
+    with torch.no_grad():
+        loss, _ = denoising_loss(ae, x, dropout=0.0)
+        assert float(loss) == pytest.approx(float(((ae(x).reconstruction - x) ** 2).mean()))
+    with pytest.raises(ValueError, match="two positive widths"):
+        mlp([5])
+
+
+def _ranks(rank: int, world: int, x: torch.Tensor, labels_a: torch.Tensor) -> dict:
+    """Rank r holds rows r, r+world, … (interleaved, as shards would split them)."""
+    from selfclust.collectives import WORLD
+
+    idx = torch.arange(rank, len(x), world)
+    mu = dec.kmeans_centroids(x[idx], idx, len(x), 10, restarts=3, samples=1000, group=WORLD)
+    log_q = dec.student_t_log_q(x[idx].double(), mu.double())
+    f = dec.soft_frequencies(log_q.exp(), WORLD)
+    new = log_q.argmax(1)
+    change = dec.assignment_change(labels_a[idx], new, WORLD)
+    return {"mu": mu, "f": f, "change": change, "log_p": dec.target_log_p(log_q, f), "idx": idx}
+
+
+def test_global_statistics_two_ranks_equal_one(tmp_path: Path) -> None:
+    from spawn import run_ranks
+
+    x = torch.from_numpy(np.load(DIGITS)["x"].reshape(-1, 64).astype(np.float32) / 16)
+    labels_a = torch.arange(len(x)) % 10
+    single = _ranks(0, 1, x, labels_a)
+    results = run_ranks(_ranks, 2, tmp_path, x, labels_a)
+    for r in results:
+        assert torch.equal(r["mu"], single["mu"])  # same pool, same faiss runs, same pick
+        assert torch.allclose(r["f"], single["f"], rtol=1e-12)
+        assert r["change"] == pytest.approx(single["change"], abs=0)
+    log_p = torch.empty_like(single["log_p"])
+    for r in results:
+        log_p[r["idx"]] = r["log_p"]
+    assert torch.allclose(log_p, single["log_p"], atol=1e-12)
+
+
+def test_short_run_on_digits_beats_pixel_kmeans() -> None:
+    """AE pretraining → k-means centroids → DEC with per-epoch target refresh and stop rule."""
+    d = np.load(DIGITS)
+    x = torch.from_numpy(d["x"].reshape(-1, 64).astype(np.float32) / 16)
+    y = d["y"]
+    pixel = min((kmeans(x, 10, seed=s) for s in range(5)), key=lambda r: r.objective)
+    pixel_acc = cluster_accuracy(y, assign(x, pixel.centroids).numpy())
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ae = MLPAutoencoder(64, 10, hidden=(256, 256, 512))  # the paper's shape, narrower for CI
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    for _ in range(60):
+        for b in torch.randperm(len(x), generator=g).split(64):
+            loss, _ = denoising_loss(ae, x[b], dropout=0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    idx = torch.arange(len(x))
+    with torch.no_grad():
+        mu = dec.kmeans_centroids(ae.encode(x), idx, len(x), 10, restarts=10, group=None)
+    layer = dec.ClusteringLayer(10, 10)
+    layer.centroids.data.copy_(mu)
+    sgd = torch.optim.SGD([*ae.encoder.parameters(), *layer.parameters()], lr=0.01, momentum=0.9)
+    stop, previous = dec.StopRule(0.001), None
+    for _ in range(30):
+        with torch.no_grad():
+            log_q = layer(ae.encode(x))
+        log_p = dec.target_log_p(log_q, dec.soft_frequencies(log_q.exp(), None))
+        current = log_q.argmax(1)
+        if previous is not None and stop.update(dec.assignment_change(previous, current, None)):
+            break
+        previous = current
+        for b in torch.randperm(len(x), generator=g).split(64):
+            loss = dec.kl_loss(log_p[b], layer(ae.encode(x[b])))
+            sgd.zero_grad()
+            loss.backward()
+            sgd.step()
+    with torch.no_grad():
+        acc = cluster_accuracy(y, layer(ae.encode(x)).argmax(1).numpy())
+    assert acc > pixel_acc + 0.01, (acc, pixel_acc)
