@@ -159,7 +159,7 @@ def depict_loss(out: DEPICTOutput, target: torch.Tensor) -> DEPICTLoss:
     if len(out.reconstructions) != len(out.clean) - 1:
         raise ValueError("need one reconstruction per clean layer below the embedding")
     log_p_noisy = F.log_softmax(out.noisy_logits.float(), dim=1)
-    ce = -(target.to(log_p_noisy.dtype) * log_p_noisy).sum(1).mean()
+    ce = -(target.detach().to(log_p_noisy.dtype) * log_p_noisy).sum(1).mean()
     # ‖zˡ − ẑˡ‖² / |zˡ| per sample is the per-layer mean squared error; averaged over the batch.
     rec = sum(
         (

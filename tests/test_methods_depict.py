@@ -1,0 +1,135 @@
+"""DEPICT: target and loss against a float64 numpy transcription of the paper (eqs. 7 and 9),
+the three pathways of the network, and the column sums on 2 gloo ranks against one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfclust.methods import depict as D
+
+DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def np_target(p: np.ndarray) -> np.ndarray:
+    """Eq. 7, literally: q_ik = (p_ik / (Σ_i' p_i'k)^½) / Σ_k' (p_ik' / (Σ_i' p_i'k')^½)."""
+    n, k = p.shape
+    q = np.zeros_like(p)
+    for i in range(n):
+        for c in range(k):
+            q[i, c] = p[i, c] / np.sqrt(sum(p[j, c] for j in range(n)))
+        q[i] /= q[i].sum()
+    return q
+
+
+def softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_balanced_target_matches_eq_7() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(23, 6, generator=g, dtype=torch.float64) * 3
+    logits[:, 2] -= 20  # a cluster almost nobody prefers must not blow up
+    p = torch.softmax(logits, 1)
+    q = D.balanced_target(p, D.column_sums(p, group=None))
+    ref = np_target(p.numpy())
+    assert np.allclose(q.numpy(), ref, rtol=1e-12, atol=1e-300)
+    # balancing: the rare cluster's share grows, the common ones' shrink
+    assert q[:, 2].sum() > p[:, 2].sum()
+    with pytest.raises(ValueError, match="positive"):
+        D.balanced_target(p, torch.zeros(6, dtype=torch.float64))
+
+
+def random_output(b: int = 5, k: int = 4, seed: int = 1) -> D.DEPICTOutput:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    clean = [r(b, 1, 8, 8), r(b, 7, 4, 4), r(b, 6, 2, 2), r(b, 10)]
+    recon = [r(b, 1, 8, 8), r(b, 7, 4, 4), r(b, 6, 2, 2)]
+    return D.DEPICTOutput(r(b, k), r(b, k), clean, recon)
+
+
+def test_loss_matches_eq_9() -> None:
+    out = random_output()
+    p_clean = torch.softmax(out.clean_logits, 1)
+    q = D.balanced_target(p_clean, D.column_sums(p_clean, None))
+    loss = D.depict_loss(out, q)
+    n = out.noisy_logits.shape[0]
+    p_noisy = softmax(out.noisy_logits.numpy())
+    qn = q.numpy()
+    ce = -sum(qn[i, c] * np.log(p_noisy[i, c]) for i in range(n) for c in range(qn.shape[1])) / n
+    rec = 0.0
+    for i in range(n):
+        for z, zh in zip(out.clean[:-1], out.reconstructions, strict=True):
+            zi, zhi = z[i].numpy().ravel(), zh[i].numpy().ravel()
+            rec += np.sum((zi - zhi) ** 2) / zi.size  # ‖z_i^l − ẑ_i^l‖² / |z_i^l|
+    rec /= n
+    assert float(loss.clustering) == pytest.approx(ce, rel=1e-6)  # log-softmax in float32
+    assert float(loss.reconstruction) == pytest.approx(rec, rel=1e-6)
+    assert float(loss.total) == pytest.approx(ce + rec, rel=1e-6)
+
+
+@pytest.mark.parametrize("size", [8, 16, 28, 32])
+def test_pathways_shapes_and_noise(size: int) -> None:
+    torch.manual_seed(0)
+    net = D.DEPICTNet(D.ConvAutoencoder(1, size, dropout=0.3), clusters=10)
+    x = torch.rand(4, 1, size, size)
+    out = net(x)
+    assert len(out.clean) == 4 and len(out.reconstructions) == 3
+    for z, zh in zip(out.clean[:-1], out.reconstructions, strict=True):
+        assert z.shape == zh.shape
+    assert out.clean[0] is x or torch.equal(out.clean[0], x)  # z⁰ is the clean input
+    assert torch.equal(out.clean_logits, net.clean_logits(x))  # clean path is deterministic
+    assert not torch.allclose(out.noisy_logits, out.clean_logits)  # dropout on the noisy path
+    net.ae.dropout = 0.0
+    quiet = net(x)
+    assert torch.allclose(quiet.noisy_logits, quiet.clean_logits)
+    with pytest.raises(ValueError, match="too small"):
+        D.ConvAutoencoder(1, 2, channels=(8, 8), kernels=(4, 4))
+
+
+def test_target_is_a_constant_for_the_loss() -> None:
+    """Gradients come from the noisy predictions (and the reconstruction), never through the
+    target, even when a caller forgets to detach it."""
+    torch.manual_seed(0)
+    net = D.DEPICTNet(D.ConvAutoencoder(1, 8, dropout=0.0), clusters=5)
+    x = torch.rand(6, 1, 8, 8)
+    grads = []
+    for detach in (False, True):
+        net.zero_grad()
+        out = net(x)
+        target = torch.softmax(out.clean_logits, 1)
+        D.depict_loss(out, target.detach() if detach else target).clustering.backward()
+        grads.append(net.head.weight.grad.clone())  # type: ignore[union-attr]
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1])
+
+
+def _ranks(rank: int, world: int, p: torch.Tensor) -> dict:
+    from selfclust.collectives import WORLD
+
+    idx = torch.arange(rank, len(p), world)
+    sums = D.column_sums(p[idx], WORLD)
+    return {"sums": sums, "q": D.balanced_target(p[idx], sums), "idx": idx}
+
+
+def test_column_sums_two_ranks_equal_one(tmp_path: Path) -> None:
+    from spawn import run_ranks
+
+    x = torch.from_numpy(np.load(DIGITS)["x"].reshape(-1, 64).astype(np.float32) / 16)
+    torch.manual_seed(0)
+    p = torch.softmax(x @ torch.randn(64, 10), 1)  # real-data-driven predictions
+    single = _ranks(0, 1, p)
+    q = torch.empty_like(single["q"])
+    for r in run_ranks(_ranks, 2, tmp_path, p):
+        assert torch.allclose(r["sums"], single["sums"], rtol=1e-12)
+        q[r["idx"]] = r["q"]
+    assert torch.allclose(q, single["q"], rtol=1e-12)
