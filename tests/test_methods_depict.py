@@ -133,3 +133,58 @@ def test_column_sums_two_ranks_equal_one(tmp_path: Path) -> None:
         assert torch.allclose(r["sums"], single["sums"], rtol=1e-12)
         q[r["idx"]] = r["q"]
     assert torch.allclose(q, single["q"], rtol=1e-12)
+
+
+def test_short_run_on_digits_beats_pixel_kmeans() -> None:
+    """Reconstruction pretraining → k-means on the clean embedding → softmax layer fitted to
+    the k-means labels (a logistic regression, so p starts confident) → joint training, Q = the
+    k-means labels for the first epoch, then refreshed from the clean pathway every epoch."""
+    import torch.nn.functional as F
+
+    from selfclust.kmeans import assign, kmeans
+    from selfclust.metrics import cluster_accuracy
+
+    d = np.load(DIGITS)
+    x = torch.from_numpy(d["x"][:, None].astype(np.float32) / 16)  # [1797, 1, 8, 8]
+    y = d["y"]
+    flat = x.flatten(1)
+    pixel = min((kmeans(flat, 10, seed=s) for s in range(5)), key=lambda r: r.objective)
+    pixel_acc = cluster_accuracy(y, assign(flat, pixel.centroids).numpy())
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = D.DEPICTNet(D.ConvAutoencoder(1, 8, embed_dim=32, dropout=0.0), clusters=10)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    uniform = torch.full((len(x), 10), 0.1)
+    for _ in range(40):  # pretraining: the reconstruction term alone, no noise
+        for b in torch.randperm(len(x), generator=g).split(64):
+            loss = D.depict_loss(net(x[b]), uniform[b]).reconstruction
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        z = net.ae.encode(x, noisy=False)[-1]
+    km = min((kmeans(z, 10, seed=s) for s in range(10)), key=lambda r: r.objective)
+    labels = assign(z, km.centroids)
+    head_opt = torch.optim.Adam(net.head.parameters(), 1e-2)
+    for _ in range(500):
+        loss = F.cross_entropy(net.head(z), labels)
+        head_opt.zero_grad()
+        loss.backward()
+        head_opt.step()
+    net.ae.dropout = 0.1
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
+    target = F.one_hot(labels, 10).double()  # Q initialised from k-means (first epoch)
+    for epoch in range(20):
+        if epoch:
+            with torch.no_grad():
+                p = torch.softmax(net.clean_logits(x), 1)
+            target = D.balanced_target(p, D.column_sums(p, None))
+        for b in torch.randperm(len(x), generator=g).split(64):
+            loss = D.depict_loss(net(x[b]), target[b]).total
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = cluster_accuracy(y, net.clean_logits(x).argmax(1).numpy())
+    assert acc > pixel_acc + 0.01, (acc, pixel_acc)
