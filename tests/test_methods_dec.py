@@ -116,6 +116,10 @@ def test_autoencoder_shapes_and_denoising_loss() -> None:
     with torch.no_grad():
         loss, _ = denoising_loss(ae, x, dropout=0.0)
         assert float(loss) == pytest.approx(float(((ae(x).reconstruction - x) ** 2).mean()))
+    net = dec.DECNet(ae, clusters=7)
+    full = net(torch.rand(5, 64))
+    assert full.log_q.shape == (5, 7)
+    assert torch.allclose(full.log_q.exp().sum(1), torch.ones(5))
     with pytest.raises(ValueError, match="two positive widths"):
         mlp([5])
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.kmeans import distributed_centroids, objective, sample_pool
+from selfclust.methods.autoencoder import MLPAutoencoder
 
 
 def squared_distances(z: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -116,6 +117,27 @@ class ClusteringLayer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return student_t_log_q(z, self.centroids, self.alpha)
+
+
+@dataclass
+class DECOutput:
+    embedding: torch.Tensor  # [B, d_z]
+    reconstruction: torch.Tensor  # [B, d] (the pretraining phase's target is the input)
+    log_q: torch.Tensor  # [B, K] Student-t soft assignment
+
+
+class DECNet(nn.Module):
+    """Autoencoder + clustering layer: one forward (one DDP call) serves both of DEC's phases,
+    the pretraining loss reads ``reconstruction``, the clustering loss ``log_q``."""
+
+    def __init__(self, autoencoder: MLPAutoencoder, clusters: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.ae = autoencoder
+        self.clustering = ClusteringLayer(clusters, autoencoder.embed_dim, alpha)
+
+    def forward(self, x: torch.Tensor) -> DECOutput:
+        out = self.ae(x)
+        return DECOutput(out.embedding, out.reconstruction, self.clustering(out.embedding))
 
 
 def kmeans_centroids(
