@@ -54,7 +54,9 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["sela"] = "sela"
+    # sela: Sinkhorn pseudo-labels on a ResNet (model.*). dec / depict / dgg: the papers' own
+    # nets (model.* is not used), pretraining then clustering; see docs/methods.md.
+    name: Literal["sela", "dec", "depict", "dgg"] = "sela"
     heads: int = Field(10, ge=1, description="T clustering heads (SeLa: 10)")
     clusters: int = Field(3000, ge=2, description="K clusters per head (SeLa ImageNet: 3000)")
     lam: float = Field(25.0, gt=0, le=100, description="Sinkhorn λ (SeLa: 25)")
@@ -76,11 +78,60 @@ class MethodConfig(_Section):
     # init=kmeans only: also set each head to score its k-means centroids (the first labels
     # are the k-means labels either way); the heads read the same pooled features.
     kmeans_init_heads: bool = False
+    # --- dec / depict / dgg (ignored by sela). Refreshes reuse relabels / relabel_power /
+    # relabel_start, counted over the clustering phase (optim.epochs), after pretraining.
+    pretrain_epochs: int = Field(
+        50, ge=0, description="reconstruction-only epochs before clustering (Adam)"
+    )
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_dropout: float = Field(
+        0.2, ge=0, lt=1, description="pretraining input corruption (DEC) / noise (DEPICT)"
+    )
+    pixels: Literal["unit", "standardized"] = Field(
+        "unit", description="network input: pixels in [0, 1], or standardised as SeLa's"
+    )
+    target: Literal["snapshot", "current"] = Field(
+        "snapshot",
+        description="targets from the network as of the last refresh (exact) or the live one",
+    )
+    kmeans_restarts: int = Field(20, ge=1, description="k-means runs on the embedding; best kept")
+    stop_tol: float = Field(
+        0.001, ge=0, le=1, description="DEC: stop when fewer assignments change (0: never)"
+    )
+    alpha: float = Field(1.0, gt=0, description="DEC: Student-t degrees of freedom")
+    embed_dim: int = Field(10, ge=1)
+    hidden: list[int] = Field(
+        default_factory=lambda: [500, 500, 2000], min_length=1, description="DEC/DGG MLP widths"
+    )
+    conv_channels: list[int] = Field(default_factory=lambda: [50, 50], min_length=1)
+    conv_kernels: list[int] = Field(default_factory=lambda: [4, 5], min_length=1)
+    noise_dropout: float = Field(0.1, ge=0, lt=1, description="DEPICT: noisy-path dropout")
+    head_fit_steps: int = Field(
+        500, ge=0, description="DEPICT/DGG: fit the softmax head to the k-means labels"
+    )
+    knn_k: int = Field(10, ge=1, description="DGG: neighbours per sample in the graph")
+    sigma_rank: int | None = Field(None, ge=1, description="DGG: σ_i = this neighbour's distance")
+    graph_weight: float = Field(1.0, ge=0, description="DGG: weight of the graph term")
 
     @model_validator(mode="after")
     def _kmeans_heads(self) -> MethodConfig:
         if self.kmeans_init_heads and self.init != "kmeans":
             raise ValueError("kmeans_init_heads needs init=kmeans (heads read backbone features)")
+        if self.name != "sela":
+            if self.heads != 1:
+                raise ValueError(
+                    f"method.name={self.name} has one clustering layer: set method.heads=1 "
+                    f"(got {self.heads}; several heads are SeLa's)"
+                )
+            if self.name == "dgg" and self.pixels != "unit":
+                raise ValueError(
+                    "method.name=dgg has a Bernoulli decoder that needs pixels in [0, 1]: "
+                    "set method.pixels=unit"
+                )
+            if self.name == "depict" and len(self.conv_channels) != len(self.conv_kernels):
+                raise ValueError("method.conv_channels and method.conv_kernels differ in length")
+            if self.sigma_rank is not None and self.sigma_rank > self.knn_k:
+                raise ValueError(f"method.sigma_rank must be <= method.knn_k={self.knn_k}")
         return self
 
 
@@ -109,7 +160,9 @@ class AugmentConfig(_Section):
 
 
 class OptimConfig(_Section):
-    epochs: int = Field(400, ge=1)
+    # dec / depict / dgg: the clustering phase's optimiser (pretraining uses Adam).
+    name: Literal["sgd", "adam"] = "sgd"
+    epochs: int = Field(400, ge=1, description="epochs (dec/depict/dgg: after pretraining)")
     batch_size: int = Field(256, ge=1, description="global batch, split evenly over workers")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

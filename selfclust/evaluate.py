@@ -18,12 +18,13 @@ from selfclust.checkpoint import read_state
 from selfclust.config import RunConfig
 from selfclust.data import ShardSet, eval_batches
 from selfclust.labelling import embed, predictions
+from selfclust.methods.nets import ClusterNet
 from selfclust.metrics import clustering_scores, head_agreement, size_stats
-from selfclust.model import SelfLabelNet
+from selfclust.model import SelfLabelNet, build_model, image_side
 
 
 def score_model(
-    model: SelfLabelNet,
+    model: SelfLabelNet | ClusterNet,
     shards: ShardSet,
     *,
     device: torch.device,
@@ -39,13 +40,21 @@ def score_model(
     batches = eval_batches(
         shards, C.rank(), C.world_size(), batch_size, loader_workers, image_size=image_size
     )
-    emb = embed(model.backbone, batches, device, image_size, shards.num_samples)
+    if isinstance(model, ClusterNet):  # DEC/DEPICT/DGG: embedded exactly as in training
+        emb = embed(model.features, batches, device, image_size, shards.num_samples,
+                    transform=model.inputs)  # fmt: skip
+    else:
+        emb = embed(model.backbone, batches, device, image_size, shards.num_samples)
     pred = predictions(model.heads, emb)  # [T, n_r]
     rows = C.all_gather_cat(torch.cat([emb.idx[:, None], emb.cls[:, None], pred.t()], 1))
     rows = rows[torch.argsort(rows[:, 0])]
     y, preds = rows[:, 1].numpy(), rows[:, 2:].t().numpy()
     labelled = bool((y >= 0).all())
-    clusters = int(cast(torch.nn.Linear, model.heads[0]).out_features)
+    clusters = (
+        model.clusters
+        if isinstance(model, ClusterNet)
+        else int(cast(torch.nn.Linear, model.heads[0]).out_features)
+    )
     heads: list[dict[str, Any]] = []
     for t, p in enumerate(preds):
         entry: dict[str, Any] = {"head": t, **size_stats(p, clusters)}
@@ -79,10 +88,11 @@ def load_run(
     state = read_state(ckpt)
     cfg = RunConfig.model_validate(state["config"])
     shards = ShardSet.open(data or cfg.data.eval or cfg.data.train, cfg.data.io_timeout_s)
-    m = cfg.method
-    model = SelfLabelNet(cfg.model, shards.channels, m.heads, m.clusters)
+    model = build_model(cfg, shards.channels, image_side(cfg.data.image_size, shards.image))
     model.load_state_dict(state["model"], strict=True)
-    return model.eval(), cfg, ckpt, state
+    # DEC/DEPICT/DGG nets (ClusterNet) offer SelfLabelNet's evaluation interface: backbone,
+    # heads, forward → NetOutput (not stage_features: `selfclust probe` is SeLa's).
+    return cast(SelfLabelNet, model.eval()), cfg, ckpt, state
 
 
 def label_changes(run_dir: Path) -> list[dict[str, Any]]:

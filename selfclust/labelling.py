@@ -38,8 +38,10 @@ def embed(
     size: int | None,
     num_samples: int,
     group: Any = C.WORLD,
+    transform: Callable[[torch.Tensor, int | None], torch.Tensor] = normalize,
 ) -> Embedded:
-    """Pooled features of every sample this rank reads.
+    """Pooled features of every sample this rank reads (``transform`` turns the uint8 images
+    into the network's input: standardised by default, [0, 1] pixels for DEC/DEPICT/DGG).
 
     Checks, over all ranks, that the samples seen plus those the reader skipped as bad data
     (``batches.stats``, when it has one) equal N.
@@ -50,7 +52,7 @@ def embed(
         module.eval()
     feats, idxs, clss = [], [], []
     for images, idx, cls in batches:
-        x = normalize(images.to(device, non_blocking=True), size)
+        x = transform(images.to(device, non_blocking=True), size)
         feats.append(backbone(x).float())
         idxs.append(idx)
         clss.append(cls)
@@ -89,7 +91,11 @@ def thumbnails(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def head_logits(head: nn.Module, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """[n, D] features → [n, K] float32 logits of one linear head, computed in row chunks."""
+    """[n, D] features → [n, K] float32 logits of one head, computed in row chunks (a linear
+    head by one addmm per chunk; any other head, e.g. DEC's Student-t layer, by calling it)."""
+    if not isinstance(head, nn.Linear):
+        with torch.no_grad():
+            return torch.cat([head(f.float()).float() for f in features.split(chunk)])
     linear = cast(nn.Linear, head)
     w, b = linear.weight.detach().float(), linear.bias.detach().float()
     return torch.cat([torch.addmm(b, f, w.t()) for f in features.split(chunk)])

@@ -27,6 +27,7 @@ from selfclust.config import RunConfig
 from selfclust.data import ShardSet, eval_batches, steps_per_epoch, train_batches
 from selfclust.evaluate import score_model
 from selfclust.labelling import (
+    Embedded,
     embed,
     gather_bank,
     kmeans_labels,
@@ -34,10 +35,20 @@ from selfclust.labelling import (
     sinkhorn_labels,
     thumbnails,
 )
+from selfclust.methods.nets import ClusterNet
+from selfclust.methods.runner import MethodRunner, build_runner
 from selfclust.metrics import clustering_scores, head_agreement
-from selfclust.model import SelfLabelNet, model_digest
+from selfclust.model import build_model, image_side, model_digest
 from selfclust.runlog import MetricsLog, Progress
 from selfclust.schedule import lr_at, relabel_steps
+
+
+@dataclass
+class TrainPosition(Position):
+    """:class:`Position` plus the phase: ``pretrain`` (DEC/DEPICT/DGG reconstruction epochs,
+    initialisation not yet done) or ``cluster`` (SeLa always)."""
+
+    phase: str = "cluster"
 
 
 @dataclass
@@ -70,11 +81,17 @@ class Trainer:
         self.size = cfg.data.image_size
         t = cfg.trainer
         cuda = ctx.device.type == "cuda"
-        self.model = SelfLabelNet(cfg.model, channels, m.heads, m.clusters).to(ctx.device)
-        if cuda and t.channels_last:
+        side = image_side(self.size, self.shards.image)
+        self.model = build_model(cfg, channels, side).to(ctx.device)
+        # DEC/DEPICT/DGG: the method's runner computes their losses; gradients are averaged
+        # over ranks by one flat all-reduce per step (see _average_gradients), not by DDP.
+        self.runner: MethodRunner | None = None
+        if isinstance(self.model, ClusterNet):
+            self.runner = build_runner(cfg, self.model, self.n)
+        if cuda and t.channels_last and self.runner is None:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp: nn.Module = self.model
-        if ctx.world_size > 1:
+        if ctx.world_size > 1 and self.runner is None:
             ids = [ctx.device.index] if cuda else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cuda and t.compile:
@@ -89,32 +106,28 @@ class Trainer:
         o = cfg.optim
         self.local_batch = o.batch_size // ctx.world_size
         self.steps_per_epoch = steps_per_epoch(self.n, ctx.world_size, self.local_batch)
-        self.total_steps = o.epochs * self.steps_per_epoch
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-            weight_decay=o.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_at(s, self.total_steps, o) / o.lr
-        )
+        # DEC/DEPICT/DGG pretrain for method.pretrain_epochs, then cluster for optim.epochs;
+        # the LR schedule and the refreshes count from the start of the clustering phase.
+        self.pretrain_epochs = m.pretrain_epochs if self.runner is not None else 0
+        self.epochs = self.pretrain_epochs + o.epochs
+        self.pretrain_steps = self.pretrain_epochs * self.steps_per_epoch
+        self.cluster_steps = o.epochs * self.steps_per_epoch
+        self.total_steps = self.pretrain_steps + self.cluster_steps
+        self.pos = TrainPosition(phase="cluster" if self.runner is None else "pretrain")
+        self._build_optimizer()
         self.bank = LabelBank(m.heads, self.n, m.clusters)
-        self.pos = Position()
-        self.relabel_at = set(
-            relabel_steps(
-                self.total_steps,
-                m.relabels,
-                m.relabel_power,
-                int(m.relabel_start * self.total_steps),
-            )
+        schedule = relabel_steps(
+            self.cluster_steps,
+            m.relabels,
+            m.relabel_power,
+            int(m.relabel_start * self.cluster_steps),
         )
+        self.relabel_at = {self.pretrain_steps + s for s in schedule}
         self.log = MetricsLog(ctx.run_dir, cfg, ctx.wandb_id, enabled=ctx.rank == 0)
         self.head_loss = torch.zeros(m.heads)  # running mean of each head's loss (for best head)
         # Per-head loss summed since the last metrics line; checkpointed so that a resumed run
         # logs, and picks its best head, exactly as an uninterrupted one.
-        self.window_loss = torch.zeros(m.heads)
+        self.window_loss = torch.zeros(m.heads + len(self.terms))
         self.window_n = 0
         self.preemption_saved = False  # one just-in-time checkpoint per notice
         # Bad data met in training over the whole run (all ranks): corrupt images, samples
@@ -122,6 +135,35 @@ class Trainer:
         self.data_bad = torch.zeros(3, dtype=torch.int64)
         # Augment in the loader workers (per-sample torchvision v2) or batched on the device.
         self.loader_augment = cfg.augment if cfg.augment.where == "loader" else None
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """Named loss terms logged beside the total (DEC/DEPICT/DGG)."""
+        return self.runner.terms if self.runner is not None else ()
+
+    def _build_optimizer(self) -> None:
+        """The optimiser and LR schedule of the current phase: Adam at method.pretrain_lr while
+        pretraining; optim.name with optim.lr and its schedule afterwards."""
+        o, m = self.cfg.optim, self.cfg.method
+        params = list(self.model.parameters())
+        self.optimizer: torch.optim.Optimizer
+        if self.pos.phase == "pretrain":
+            self.optimizer = torch.optim.Adam(params, lr=m.pretrain_lr)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+            return
+        if o.name == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(
+                params,
+                lr=o.lr,
+                momentum=o.momentum,
+                nesterov=o.nesterov,
+                weight_decay=o.weight_decay,
+            )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_at(s, self.cluster_steps, o) / o.lr
+        )
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -139,6 +181,7 @@ class Trainer:
                 "window_n": self.window_n,
                 "world_size": self.ctx.world_size,
                 "data_bad": self.data_bad.clone(),
+                "method": self.runner.state_dict() if self.runner is not None else None,
             },
         )
 
@@ -146,10 +189,16 @@ class Trainer:
         state = read_state(checkpoint_dir)
         check_compatible(state["config"], self.cfg, f"checkpoint {checkpoint_dir}")
         self.model.load_state_dict(state["model"], strict=True)
+        self.pos = TrainPosition(**state["position"])
+        self._build_optimizer()  # the checkpoint's phase decides which optimiser it saved
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.bank.load_state_dict(state["bank"])
-        self.pos = Position(**state["position"])
+        if self.runner is not None:
+            self.runner.load_state_dict(state["extra"]["method"])
+            if self.pos.phase == "cluster" and self.runner.needs_resume_pass:
+                # per-rank state is not checkpointed: rebuilt from the saved teacher
+                self.runner.resume(self._embed(self.shards, fn=self.runner.teacher.features))
         self.head_loss = state["extra"]["head_loss"].clone()
         self.window_loss = state["extra"]["window_loss"].clone()
         self.window_n = int(state["extra"]["window_n"])
@@ -191,7 +240,7 @@ class Trainer:
         for buf in self.model.buffers():
             C.broadcast(buf, 0)
 
-    def _embed(self, shards: ShardSet, pixels: bool = False) -> Any:
+    def _embed(self, shards: ShardSet, pixels: bool = False, fn: Any = None) -> Embedded:
         self._sync_buffers()
         batches = eval_batches(
             shards,
@@ -201,6 +250,10 @@ class Trainer:
             num_workers=self.loader_workers,
             image_size=self.size,
         )
+        if isinstance(self.model, ClusterNet):  # the method's own input pixels
+            features = fn or self.model.features
+            return embed(features, batches, self.ctx.device, self.size, shards.num_samples,
+                         transform=self.model.inputs)  # fmt: skip
         fn = thumbnails(self.cfg.method.kmeans_pixel_size) if pixels else self.model.backbone
         with torch.autocast(
             self.ctx.device.type,
@@ -211,7 +264,7 @@ class Trainer:
 
     def relabel(self, initial: bool = False) -> None:
         m = self.cfg.method
-        if initial and m.init == "random":
+        if initial and m.init == "random" and self.runner is None:
             self.bank.assign(random_bank(m.heads, self.n, m.clusters, self.cfg.seed))
             return
         self._relabel(initial)
@@ -223,10 +276,13 @@ class Trainer:
 
     def _relabel(self, initial: bool) -> None:
         m = self.cfg.method
-        pixels = initial and m.init == "kmeans_pixels"
+        pixels = initial and m.init == "kmeans_pixels" and self.runner is None
         emb = self._embed(self.shards, pixels=pixels)
         record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
-        if initial:
+        if self.runner is not None:
+            local, extra = (self.runner.initialise if initial else self.runner.refresh)(emb)
+            record.update(event="init_kmeans" if initial else "relabel", **extra)
+        elif initial:
             local = kmeans_labels(
                 emb,
                 m.heads,
@@ -252,6 +308,8 @@ class Trainer:
         if emb.skipped:
             record["data_skipped"] = emb.skipped
         record["label_change"] = self.bank.assign(new)
+        if self.runner is not None:  # DEC's stop rule: the same bank, so the same on all ranks
+            record.update(self.runner.after_change(record["label_change"], initial))
         if self.ctx.rank == 0 and new.shape[0] > 1:  # rank 0 only: no collectives inside
             agree = head_agreement(new[:, :100_000].numpy())  # capped: 45 NMIs at N=1.28M stall
             record["head_agreement_nmi"] = agree["nmi_mean"]
@@ -268,8 +326,49 @@ class Trainer:
         self.log.log(record)
 
     # ------------------------------------------------------------------ training
+    def _method_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One DEC/DEPICT/DGG step; returns ``[total, *terms]`` (detached)."""
+        assert self.runner is not None and isinstance(self.model, ClusterNet)
+        # Dropout noise and DGG's z samples from a per-(step, rank) seed: exact on resume.
+        torch.manual_seed((self.cfg.seed * 1_000_003 + self.pos.global_step) * 1009 + self.ctx.rank)
+        x = self.model.inputs(images.to(self.ctx.device, non_blocking=True), self.size)
+        if self.pos.phase == "pretrain":
+            out = self.runner.pretrain_loss(x)
+        else:
+            labels = self.bank.lookup(idx)[0].to(self.ctx.device, non_blocking=True)
+            out = self.runner.cluster_loss(x, idx, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self._average_gradients()
+        if self.cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        zero = torch.zeros((), device=x.device)
+        return torch.stack([out["loss"].detach(), *(out.get(t, zero) for t in self.terms)])
+
+    def _average_gradients(self) -> None:
+        """Mean gradient over ranks in one flat all-reduce (what DDP does in buckets).
+
+        Parameters a phase does not use (the decoder while DEC clusters) have no gradient on
+        any rank, so every rank sends the same list; the optimiser then leaves them alone.
+        """
+        if self.ctx.world_size == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = C.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
+        flat /= self.ctx.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def train_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
+        if self.runner is not None:
+            return self._method_step(images, idx)
         images = images.to(self.ctx.device, non_blocking=True)
         if self.loader_augment is not None:  # already cropped and jittered by the loader
             x = normalize(images)
@@ -300,11 +399,13 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if ctx.checkpoint_dir:
             self.restore(ctx.checkpoint_dir)
-        else:
+        elif self.runner is None:
             self.relabel(initial=True)
         self.progress = Progress(self.total_steps, self.pos.global_step, enabled=ctx.rank == 0)
         every = cfg.checkpoint.every_steps
-        while self.pos.epoch < cfg.optim.epochs:
+        while self.pos.epoch < self.epochs and not self._stopped():
+            if self.pos.phase == "pretrain" and self.pos.epoch >= self.pretrain_epochs:
+                self._start_clustering()
             batches = train_batches(
                 self.shards,
                 ctx.rank,
@@ -323,6 +424,8 @@ class Trainer:
                 step = self.pos.global_step
                 if step in self.relabel_at and self.pos.labels_step != step:
                     self.relabel()
+                if self._stopped():
+                    break
                 self._check_preemption()
                 losses = self.train_step(images, idx)
                 self.window_loss += losses.cpu()
@@ -338,11 +441,24 @@ class Trainer:
                         self._check_finite(self.window_loss)
                         self.checkpoint({"kind": "step"})
             self.data_bad += C.all_reduce_sum(self._bad_data(batches))
+            if self._stopped():  # DEC converged mid-epoch: the position stays where it stopped
+                break
             self.pos.epoch += 1
             self.pos.step_in_epoch = 0
             self._check_finite(self.window_loss)
             self.checkpoint({"kind": "epoch"})
         return self.finish()
+
+    def _stopped(self) -> bool:
+        return self.runner is not None and self.runner.stopped
+
+    def _start_clustering(self) -> None:
+        """Pretraining → clustering: initialise from k-means on the embedding (a label pass),
+        switch to the clustering optimiser; checkpointed with the labels (after_relabel)."""
+        self.pos.phase = "cluster"
+        self.pos.labels_step = self.pos.global_step
+        self._build_optimizer()
+        self.relabel(initial=True)
 
     def _check_preemption(self) -> None:
         """On Ray's preemption notice, checkpoint now (once), then keep training.
@@ -400,6 +516,12 @@ class Trainer:
                 f"loss became non-finite at step {self.pos.global_step}: "
                 f"{mean_losses.tolist()}; lower optim.lr or set optim.grad_clip"
             )
+        heads = self.cfg.method.heads
+        terms = {
+            f"loss_{name}": float(v)
+            for name, v in zip(self.terms, mean_losses[heads:], strict=True)
+        }
+        mean_losses = mean_losses[:heads]
         self.head_loss = (
             0.9 * self.head_loss + 0.1 * mean_losses
             if self.head_loss.any()
@@ -407,14 +529,17 @@ class Trainer:
         )
         loss = float(mean_losses.mean())
         ips = self.progress.rate(self.pos.global_step, self.cfg.optim.batch_size)
-        record = {
+        record: dict[str, Any] = {
             "step": self.pos.global_step,
             "epoch": self.pos.epoch,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0],
             "images_per_s": ips,
             **{f"loss_head{t}": float(v) for t, v in enumerate(mean_losses)},
+            **terms,
         }
+        if self.runner is not None:
+            record["phase"] = self.pos.phase
         if bad_epoch.any():
             record.update(
                 data_corrupt_images=int(bad_epoch[0]),
@@ -422,7 +547,7 @@ class Trainer:
                 data_bad_shards=int(bad_epoch[2]),
             )
         self.log.log(record)
-        self.progress.line(self.pos.global_step, self.pos.epoch, self.cfg.optim.epochs, loss, ips)
+        self.progress.line(self.pos.global_step, self.pos.epoch, self.epochs, loss, ips)
 
     # ------------------------------------------------------------------ the end
     def evaluate(self, shards: ShardSet) -> dict[str, Any]:
@@ -459,7 +584,11 @@ class Trainer:
             "data_corrupt_images": int(self.data_bad[0]),
             "data_missing_samples": int(self.data_bad[1]),
             "data_bad_shards": int(self.data_bad[2]),
+            "method": cfg.method.name,
         }
+        if self.runner is not None:
+            summary["pretrain_epochs"] = self.pretrain_epochs
+            summary["stopped_early"] = self.runner.stopped  # DEC's tolerance was reached
         for key in ("acc", "nmi", "ari"):
             value = result["heads"][best].get(key)
             summary[key] = value if value is not None and math.isfinite(value) else None

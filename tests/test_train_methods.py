@@ -1,0 +1,205 @@
+"""DEC, DEPICT and DGG through the real worker loop (train.py) on gloo ranks, without Ray.
+
+* world size 2 against 1: with no pretraining both start from the same seeded network, so
+  the initialisation (k-means centroids, fitted heads, GMM, k-NN graph, f / column sums) and
+  the first labels must agree; the two ranks end with one model; DEC's stop rule ends both
+  ranks at the same step, and a run resumed from the stop is finished at once;
+* exact resume across the pretrain → cluster boundary and from mid-clustering (DGG: the most
+  state — neighbour table, teacher, per-rank posteriors rebuilt from the teacher);
+* one short run per method that beats raw-pixel k-means on sklearn digits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfclust.shards import write_shards
+
+DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+BASE = [
+    "method.heads=1",
+    "method.clusters=10",
+    "optim.batch_size=64",
+    "optim.schedule=constant",
+    "method.relabel_power=1",
+    "method.kmeans_restarts=4",
+    "trainer.log_every=5",
+    "wandb.mode=disabled",
+]
+# Small nets for the equivalence/resume tests: what is compared is bookkeeping, not quality.
+TINY = {
+    "dec": ["method.hidden=[32,32]", "optim.lr=0.01"],
+    "depict": ["method.conv_channels=[8,8]", "optim.name=adam", "optim.lr=1e-3"],
+    "dgg": ["method.hidden=[32,32]", "optim.name=adam", "optim.lr=1e-3", "method.knn_k=5"],
+}
+# Short recipes that train (the papers' shapes, narrower for 8x8 images and CI time).
+RECIPES = {
+    "dec": ["method.hidden=[256,256,512]", "optim.lr=0.01"],
+    "depict": ["method.embed_dim=32", "optim.name=adam", "optim.lr=1e-4"],
+    "dgg": ["method.hidden=[256,256,512]", "optim.name=adam", "optim.lr=1e-4"],
+}
+SHORT = [
+    "optim.batch_size=128",
+    "method.pretrain_lr=0.002",
+    "method.pretrain_epochs=40",
+    "method.pretrain_dropout=0.0",
+    "method.head_fit_steps=300",
+    "method.kmeans_restarts=10",
+    "optim.epochs=10",
+    "method.relabels=10",
+]
+
+
+def run_rank(
+    rank: int, world: int, shards: str, out: str, overrides: list[str], resume: str | None
+) -> dict:
+    from selfclust.config import load_config
+    from selfclust.train import WorkerContext, train_loop
+
+    cfg = load_config(None, [f"data.train={shards}", *BASE, *overrides])
+    saved: list[tuple[dict, str]] = []
+
+    def report(metrics: dict, path: str | None) -> None:
+        if path is not None:  # keep a copy, as Ray's storage would
+            dest = Path(out) / f"ckpt-{len(saved):03d}"
+            shutil.copytree(path, dest)
+            saved.append((metrics, str(dest)))
+
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world,
+        device=torch.device("cpu"),
+        report=report,
+        checkpoint_dir=resume,
+        run_dir=Path(out) / "run",
+        wandb_id="test",
+    )
+    return {"summary": train_loop(cfg, ctx), "saved": saved}
+
+
+def run_methods(rank: int, world: int, shards: str, out: str, runs: dict) -> dict:
+    """Several runs one after the other in the same rank processes (one spawn)."""
+    return {
+        name: run_rank(rank, world, shards, f"{out}/{name}", overrides, None)
+        for name, overrides in runs.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
+    """sklearn digits (values 0..16) stretched to 0..255 and sharded, as a user would."""
+    d = np.load(DIGITS)
+    x = (d["x"].astype(np.int64) * 255 // 16).astype(np.uint8)
+    root = tmp_path_factory.mktemp("digits")
+    np.savez(root / "digits.npz", x=x, y=d["y"])
+    write_shards(root / "digits.npz", root / "shards", shard_size=250)
+    return str(root / "shards"), x, d["y"]
+
+
+def _state(path: str) -> dict:
+    from selfclust.checkpoint import read_state
+
+    return read_state(path)
+
+
+def _close(a: object, b: object, path: str = "") -> None:
+    """Nested checkpoint values equal (tensors to float tolerance: all-reduced sums)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, path
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=path)
+        else:
+            assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_world_two_matches_one_and_dec_stops_together(digits, tmp_path: Path) -> None:
+    from spawn import run_ranks
+
+    shards = digits[0]
+    common = ["method.pretrain_epochs=0", "optim.epochs=1", "method.relabels=3"]
+    runs = {m: [f"method.name={m}", *common, *TINY[m]] for m in TINY}
+    runs["dec"].append("method.stop_tol=1.0")  # every change is < 100 %: stop at refresh 1
+    one = run_ranks(run_methods, 1, tmp_path / "one", shards, str(tmp_path / "one"), runs)[0]
+    two = run_ranks(run_methods, 2, tmp_path / "two", shards, str(tmp_path / "two"), runs)
+    for m in runs:
+        s0, s1 = two[0][m]["summary"], two[1][m]["summary"]
+        assert s0["model_digest"] == s1["model_digest"], m  # one model on both ranks
+        assert s0["heads"] == s1["heads"], m
+        init1 = _state(next(p for k, p in one[m]["saved"] if k["kind"] == "labels"))
+        init2 = _state(next(p for k, p in two[0][m]["saved"] if k["kind"] == "labels"))
+        assert init1["position"] == init2["position"], m
+        assert init1["position"]["phase"] == "cluster"
+        _close(init1["model"], init2["model"], m)  # centroids / head / GMM prior
+        _close(init1["extra"]["method"], init2["extra"]["method"], m)  # f, s, k-NN table
+        assert torch.equal(init1["bank"]["labels"], init2["bank"]["labels"]), m
+    dec1, dec2 = one["dec"]["summary"], two[0]["dec"]["summary"]
+    steps_per_epoch = 1797 // 64
+    assert dec1["stopped_early"] and dec2["stopped_early"]
+    assert dec1["steps"] == dec2["steps"] == two[1]["dec"]["summary"]["steps"]
+    assert 0 < dec1["steps"] < steps_per_epoch
+    assert not two[0]["dgg"]["summary"]["stopped_early"]
+    assert two[0]["dgg"]["summary"]["steps"] == steps_per_epoch
+    # resumed from the checkpoint written at the stop: nothing left to train, same model
+    stop = [p for k, p in two[0]["dec"]["saved"] if k["kind"] == "labels"][-1]
+    again = run_ranks(
+        run_rank, 2, tmp_path / "again", shards, str(tmp_path / "again"), runs["dec"], stop
+    )
+    assert again[0]["summary"]["steps"] == dec2["steps"]
+    assert again[0]["summary"]["model_digest"] == dec2["model_digest"]
+
+
+def test_dgg_resumes_exactly_across_phases(digits, tmp_path: Path) -> None:
+    from spawn import run_ranks
+
+    shards = digits[0]
+    over = [
+        "method.name=dgg",
+        *TINY["dgg"],
+        "method.pretrain_epochs=1",
+        "optim.epochs=2",
+        "method.relabels=3",
+        "checkpoint.every_steps=8",
+    ]
+    full = run_ranks(run_rank, 2, tmp_path / "full", shards, str(tmp_path / "full"), over, None)
+    digest = full[0]["summary"]["model_digest"]
+    assert full[1]["summary"]["model_digest"] == digest
+    saved = full[0]["saved"]
+    pre = [p for k, p in saved if k["kind"] == "step" and k["phase"] == "pretrain"]
+    mid = [p for k, p in saved if k["kind"] == "step" and k["phase"] == "cluster" and k["epoch"]]
+    assert pre and mid, [k for k, _ in saved]
+    for name, start in (("pre", pre[0]), ("mid", mid[-1])):
+        out = tmp_path / name
+        res = run_ranks(run_rank, 2, out, shards, str(out), over, start)
+        assert res[0]["summary"]["model_digest"] == digest, name
+        assert res[0]["summary"]["steps"] == full[0]["summary"]["steps"], name
+
+
+@pytest.fixture(scope="module")
+def pixel_acc(digits) -> float:
+    from selfclust.kmeans import assign, kmeans
+    from selfclust.metrics import cluster_accuracy
+
+    _, x, y = digits
+    flat = torch.from_numpy(x.reshape(len(x), -1).astype(np.float32) / 255)
+    best = min((kmeans(flat, 10, seed=s) for s in range(5)), key=lambda r: r.objective)
+    return cluster_accuracy(y, assign(flat, best.centroids).numpy())
+
+
+@pytest.mark.parametrize("method", ["dec", "dgg"])
+def test_short_run_beats_pixel_kmeans(method: str, digits, pixel_acc: float, tmp_path) -> None:
+    from spawn import run_ranks
+
+    over = [f"method.name={method}", *SHORT, *RECIPES[method]]
+    summary = run_ranks(run_rank, 1, tmp_path, digits[0], str(tmp_path), over, None)[0]["summary"]
+    assert summary["acc"] > pixel_acc + 0.005, (summary["acc"], pixel_acc)
