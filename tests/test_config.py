@@ -87,3 +87,30 @@ def test_checkpoint_compatibility_tolerates_new_keys_with_defaults() -> None:
     changed = load_config(None, ["method.kmeans_iters=3"])
     with pytest.raises(IncompatibleCheckpoint, match="method.kmeans_iters"):
         check_compatible(old, changed, "old checkpoint")
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["method.name=dec"], ["method.heads=1", "got 10"]),
+        (["method.name=dgg", "method.heads=1", "method.pixels=standardized"], ["[0, 1]"]),
+        (["method.name=depict", "method.heads=1", "method.conv_kernels=[4]"], ["conv_kernels"]),
+        (["method.name=kmeans"], ["method.name"]),
+        (["method.name=dgg", "method.heads=1", "method.sigma_rank=11"], ["sigma_rank"]),
+    ],
+)
+def test_method_configs_are_validated(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_method_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "configs"
+    for method in ("sela", "dec", "depict", "dgg"):
+        for data in ("mnist_test", "usps"):
+            cfg = load_config(root / f"{method}_{data}.yaml")
+            assert cfg.method.name == method and cfg.method.heads == 1
+    assert load_config(root / "sela_coil20.yaml").method.clusters == 20
