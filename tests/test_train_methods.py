@@ -177,11 +177,21 @@ def test_dgg_resumes_exactly_across_phases(digits, tmp_path: Path) -> None:
     pre = [p for k, p in saved if k["kind"] == "step" and k["phase"] == "pretrain"]
     mid = [p for k, p in saved if k["kind"] == "step" and k["phase"] == "cluster" and k["epoch"]]
     assert pre and mid, [k for k, _ in saved]
-    for name, start in (("pre", pre[0]), ("mid", mid[-1])):
-        out = tmp_path / name
-        res = run_ranks(run_rank, 2, out, shards, str(out), over, start)
-        assert res[0]["summary"]["model_digest"] == digest, name
-        assert res[0]["summary"]["steps"] == full[0]["summary"]["steps"], name
+    starts = {"pre": pre[0], "mid": mid[-1]}  # both resumes in one spawn
+    res = run_ranks(run_resumes, 2, tmp_path / "res", shards, str(tmp_path / "res"), over, starts)
+    for name in starts:
+        assert res[0][name]["summary"]["model_digest"] == digest, name
+        assert res[1][name]["summary"]["model_digest"] == digest, name
+        assert res[0][name]["summary"]["steps"] == full[0]["summary"]["steps"], name
+
+
+def run_resumes(
+    rank: int, world: int, shards: str, out: str, overrides: list[str], starts: dict
+) -> dict:
+    return {
+        name: run_rank(rank, world, shards, f"{out}/{name}", overrides, start)
+        for name, start in starts.items()
+    }
 
 
 @pytest.fixture(scope="module")
