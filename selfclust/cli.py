@@ -70,6 +70,7 @@ def _print_table(heads: list[dict[str, Any]], best: int | None, k_is_classes: bo
 def cmd_train(args: argparse.Namespace) -> int:
     from selfclust.config import load_config
     from selfclust.launcher import train
+    from selfclust.pictures import GALLERY
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
@@ -81,7 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"ACC {acc:.4f}  NMI {nmi:.4f}  ARI {summary['ari']:.4f}  (head {summary['best_head']})"
         )
     print(f"summary: {run_dir / 'summary.json'}")
-    _pictures(run_dir)
+    if not (run_dir / GALLERY).is_file():  # drawn once, when the run ends
+        _pictures(run_dir)
     return 0
 
 

@@ -170,6 +170,10 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     cfg = resolve_data(cfg, run_dir)
     preflight(cfg)
     info = run_identity(run_dir, cfg)
+    done = finished_summary(run_dir)
+    if done is not None:
+        print(f"{run_dir} already finished at step {done['steps']}: nothing to train")
+        return done
     _init_ray(cfg)
     storage = cfg.ray.storage_path or str(run_dir / "ray")
     t = cfg.trainer
@@ -208,6 +212,22 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     summary["run_name"] = info["name"]
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that already ended, if its final checkpoint is intact.
+
+    Rerunning a finished command then costs no Ray cluster; a run whose final checkpoint went
+    missing or is damaged is trained (resumed) again instead.
+    """
+    from selfclust.checkpoint import is_complete
+
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary: dict[str, Any] = json.loads(path.read_text())
+    checkpoint = summary.get("checkpoint")
+    return summary if checkpoint and is_complete(Path(checkpoint)) else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

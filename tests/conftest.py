@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,3 +17,31 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """sklearn digits (1797 real 8×8 images) in 5 WebDataset shards."""
+    from runs import DIGITS
+    from selfclust.shards import write_shards
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    write_shards(DIGITS, out, shard_size=400)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(digits_shards: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted `selfclust train` on 2 Ray workers (runs.FAULT_RUN): its run dir and
+    its summary as first written. The end-to-end CLI test inspects it; the fault tests compare
+    their interrupted runs' model digests with it."""
+    from runs import STEPS, finish, start, train_cmd
+
+    run = tmp_path_factory.mktemp("reference") / "run"
+    log = run.parent / "log.txt"
+    finish(start(train_cmd(digits_shards, run), log), log)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    # keep_last=2: Ray prunes older checkpoints (the last deletion may still be in flight)
+    assert len(list(run.glob("ray/*/checkpoint_*"))) <= 3
+    return run, summary

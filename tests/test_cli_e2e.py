@@ -10,18 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from runs import STEPS, train_cmd
+
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-QUICK = [
-    "model.widths=[8,16]",
-    "method.heads=2",
-    "method.relabels=4",
-    "method.relabel_start=0.0",
-    "optim.epochs=2",
-    "optim.batch_size=64",
-    "checkpoint.every_steps=10",
-    "trainer.log_every=5",
-]
 
 
 def selfclust(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -46,16 +38,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_train_evaluate_resume(shards: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    args = ["train", "configs/quickstart.yaml", "--run-dir", str(run), f"data.train={shards}"]
-    r = selfclust(*args, *QUICK)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "ACC" in r.stdout and "NMI" in r.stdout
+def test_train_evaluate_resume(
+    digits_shards: Path, reference_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """`selfclust train` (the session's reference run, tests/runs.py) → summary, metrics, W&B;
+    then `evaluate`, a rerun that resumes with nothing left to train, a refused config."""
+    run, summary = reference_run
+    args = train_cmd(digits_shards, run)[3:]  # from "train" on
+    printed = (run.parent / "log.txt").read_text()
+    assert "ACC" in printed and "NMI" in printed
 
-    summary = json.loads((run / "summary.json").read_text())
-    steps_per_epoch = 1797 // 64
-    assert summary["steps"] == 2 * steps_per_epoch and summary["epochs"] == 2
+    assert summary["steps"] == STEPS and summary["epochs"] == 8
     assert len(summary["heads"]) == 2 and summary["num_samples"] == 1797
     for key in ("acc", "nmi", "ari"):
         assert 0 <= summary[key] <= 1 or key == "ari"
@@ -84,14 +77,14 @@ def test_train_evaluate_resume(shards: Path, tmp_path: Path) -> None:
         assert a["acc"] == pytest.approx(b["acc"]) and a["nmi"] == pytest.approx(b["nmi"])
 
     # the same command again resumes from the final checkpoint: nothing more to train
-    r = selfclust(*args, *QUICK)
+    r = selfclust(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((run / "summary.json").read_text())
     assert again["steps"] == summary["steps"]
     assert again["model_digest"] == summary["model_digest"]
 
     # the run dir belongs to this config: another lr is refused, naming the key
-    r = selfclust(*args, *QUICK, "optim.lr=0.2")
+    r = selfclust(*args, "optim.lr=0.2")
     assert r.returncode == 2
     assert "optim.lr" in r.stderr and "another config" in r.stderr
 

@@ -1,6 +1,7 @@
-"""Real faults against real Ray runs: a worker killed by pid, the driver killed and the
-command rerun, a checkpoint write killed half-way. Each interrupted run must finish with the
-same model (``model_digest``) as the uninterrupted one. Every wait is bounded.
+"""Real faults against real Ray runs: a worker killed by pid and later the driver killed and
+the command rerun (one run, interrupted twice), a checkpoint write killed half-way. Each
+interrupted run must finish with the same model (``model_digest``) as the uninterrupted one.
+Every wait is bounded.
 
 A simulated two-node cluster (``ray.cluster_utils.Cluster``) has its training node drained
 for preemption, then lost and replaced: the just-in-time checkpoint is taken on the notice and
@@ -16,100 +17,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from selfclust.shards import write_shards
-
-ROOT = Path(__file__).parents[1]
-DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-# Long enough (20 epochs × 28 steps) that a fault injected after step 30 lands mid-run.
-FAULT_RUN = [
-    "model.widths=[8,16]",
-    "method.heads=1",
-    "method.relabels=4",
-    "method.relabel_start=0.0",
-    "optim.epochs=20",
-    "optim.batch_size=64",
-    "checkpoint.every_steps=25",
-    "checkpoint.keep_last=2",
-    "trainer.log_every=5",
-    "trainer.max_failures=2",
-    "wandb.mode=offline",
-]
-STEPS = 20 * (1797 // 64)
-TIMEOUT_S = 420
-
-
-def train_cmd(shards: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "selfclust.cli",
-        "train",
-        "configs/quickstart.yaml",
-        "--run-dir",
-        str(run),
-        f"data.train={shards}",
-        *FAULT_RUN,
-        *extra,
-    ]
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0"}
-    out = log.open("w")
-    # A new session: the driver, its local Ray cluster and the workers share one process group.
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def finish(proc: subprocess.Popen, log: Path) -> None:
-    try:
-        rc = proc.wait(TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(
-            f"run did not finish in {TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
-        ) from None
-    assert rc == 0, log.read_text()[-4000:]
-
-
-def records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
-
-
-def wait_for(what: str, cond: Callable[[], bool], proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {what}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"no {what} after {TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.05)
-
-
-def reached(run: Path, step: int) -> Callable[[], bool]:
-    return lambda: any(r.get("step", -1) >= step and "loss" in r for r in records(run))
-
-
-def complete_checkpoints(run: Path) -> list[Path]:
-    from selfclust.checkpoint import is_complete
-
-    return [p for p in run.glob("ray/*/checkpoint_*") if is_complete(p)]
+from runs import (
+    FAULT_RUN,
+    STEPS,
+    finish,
+    reached,
+    records,
+    start,
+    train_cmd,
+    wait_for,
+)
 
 
 def train_workers(session: int) -> list[int]:
@@ -127,50 +48,36 @@ def train_workers(session: int) -> list[int]:
     return sorted(pids)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_shards(DIGITS, out, shard_size=400)
-    return out
+@pytest.fixture
+def shards(digits_shards: Path) -> Path:
+    return digits_shards
 
 
-@pytest.fixture(scope="module")
-def reference(shards: Path, tmp_path_factory) -> dict:
-    """The uninterrupted run."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    log = run.parent / "log.txt"
-    finish(start(train_cmd(shards, run), log), log)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == STEPS
-    # keep_last=2: Ray prunes older checkpoints (the last deletion may still be in flight)
-    assert len(list(run.glob("ray/*/checkpoint_*"))) <= 3
-    return summary
+@pytest.fixture
+def reference(reference_run: tuple[Path, dict]) -> dict:
+    """The uninterrupted run's summary."""
+    return reference_run[1]
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_epoch_resumes_exactly(shards: Path, reference: dict, tmp_path) -> None:
+def test_worker_then_driver_killed_resumes_exactly(
+    shards: Path, reference: dict, tmp_path: Path
+) -> None:
+    """One run interrupted twice: a Ray Train worker SIGKILLed mid-epoch (Ray restarts the
+    group from the latest checkpoint), later the driver with its whole Ray cluster (the same
+    command is rerun). It must end with the uninterrupted run's model and W&B run id."""
     run, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start(train_cmd(shards, run), log)
+    cmd = train_cmd(shards, run)
+    proc = start(cmd, log)
     wait_for("step 30", reached(run, 30), proc, log)
     workers = train_workers(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
-    finish(proc, log)
 
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == STEPS
-    assert summary["model_digest"] == reference["model_digest"]
-    resumed = [r for r in records(run) if r.get("event") == "resumed"]
-    assert len(resumed) == 1 and 0 < resumed[0]["step"] < STEPS
-
-
-@pytest.mark.slow
-def test_driver_killed_and_rerun_resumes_exactly(shards: Path, reference: dict, tmp_path) -> None:
-    run, log = tmp_path / "run", tmp_path / "log.txt"
-    cmd = train_cmd(shards, run)
-    proc = start(cmd, log)
-    wait_for("a checkpoint", lambda: len(complete_checkpoints(run)) > 0, proc, log)
-    wait_for("step 40", reached(run, 40), proc, log)
+    wait_for(
+        "the restart", lambda: any(r.get("event") == "resumed" for r in records(run)), proc, log
+    )
+    wait_for("step 90", reached(run, 90), proc, log)
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and the workers at once
     proc.wait(30)
@@ -179,12 +86,16 @@ def test_driver_killed_and_rerun_resumes_exactly(shards: Path, reference: dict, 
     proc = start(cmd, tmp_path / "log2.txt")
     finish(proc, tmp_path / "log2.txt")
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS
     assert summary["model_digest"] == reference["model_digest"]
     assert json.loads((run / "run.json").read_text())["wandb_id"] == wandb_id
     resumed = [r for r in records(run) if r.get("event") == "resumed"]
-    assert len(resumed) == 1 and resumed[0]["step"] > 0
-    # the same W&B run continues (offline: a second directory for the same id)
-    assert len(list(run.glob(f"wandb/offline-run-*-{wandb_id}"))) == 2
+    # one restart by Ray (worker lost), one by the rerun command (driver lost), in order
+    assert len(resumed) == 2, resumed
+    assert 0 < resumed[0]["step"] < resumed[1]["step"] < STEPS
+    # the same W&B run continues (offline: one directory per segment with the same id: the
+    # first worker group, the group Ray restarted, the rerun, the pictures logged after training)
+    assert len(list(run.glob(f"wandb/offline-run-*-{wandb_id}"))) == 4
 
 
 def test_checkpoint_write_killed_half_way_never_becomes_latest(tmp_path: Path) -> None:
