@@ -4,8 +4,11 @@ Each rank holds its own rows of the logits; they are never gathered. The plan is
 
     Q = diag(β) · exp(λ z) · diag(α),   rows sum to 1/N, columns sum to 1/K,
 
-and per iteration a rank streams its n × K block once (CPU: chunk by chunk, rows then columns
-while the chunk is in cache; GPU: two matrix-vector products) and all-reduces K numbers.
+and per iteration a rank streams its n × K block once and all-reduces K numbers. CPU: a fused
+numba kernel (:mod:`selfclust.sinkhorn_cpu`: each row's dot with α, its β update and its share
+of the column sums while the row is in L1), or with ``SELFCLUST_SINKHORN_CPU=torch`` BLAS on
+cache-sized chunks (rows then columns while the chunk is in cache); GPU: two matrix-vector
+products.
 
 Numerics: the kernel is one float32 block ``P = exp(λ (z − z_max) + log α₀ − M)``: each row is
 shifted by its max (exact, absorbed in β) and a reference column scaling α₀ is absorbed too, so
@@ -27,6 +30,7 @@ The error is always measured on the plan with *exact* rows, so the contract is u
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +61,29 @@ _C_UNDERFLOW = 1e-30
 _OMEGA_WARMUP = 20
 _OMEGA_WINDOW = 10
 _OMEGA_MAX = 1.98
+# CPU kernels: "numba" (fused, default) or "torch" (BLAS on chunks; for comparison/fallback).
+_CPU_KERNEL_ENV = "SELFCLUST_SINKHORN_CPU"
+
+
+def _numba_threads(t: torch.Tensor) -> int:
+    """Threads for the fused numba kernels on ``t``'s device, or 0 for the torch path: on
+    non-CPU devices, with ``SELFCLUST_SINKHORN_CPU=torch``, or in a forked DataLoader worker
+    (numba's OpenMP layer is not fork-safe). Uses as many threads as torch."""
+    if t.device.type != "cpu":
+        return 0
+    choice = os.environ.get(_CPU_KERNEL_ENV, "numba")
+    if choice not in ("numba", "torch"):
+        raise ValueError(f"{_CPU_KERNEL_ENV} must be 'numba' or 'torch', got {choice!r}")
+    if choice == "torch" or torch.utils.data.get_worker_info() is not None:
+        return 0
+    from selfclust import sinkhorn_cpu  # numba: imported (and JIT-loaded) on first CPU use
+
+    torch_threads = torch.get_num_threads()
+    threads = sinkhorn_cpu.set_threads(torch_threads)
+    # numba's OpenMP pool shares torch's libgomp, and its first launch sets the global count.
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    return threads
 
 
 @dataclass
@@ -93,9 +120,35 @@ def _exponent(
 
 
 def _build_kernel(
-    logits: torch.Tensor, z_max: torch.Tensor, lam: float, log_alpha0: torch.Tensor, out: Any
+    logits: torch.Tensor,
+    z_max: torch.Tensor,
+    lam: float,
+    log_alpha0: torch.Tensor,
+    out: Any,
+    threads: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """P = exp(s − M) with s = λ (z − z_max) + log α₀ and M_i = max_k s_ik; returns (P, M)."""
+    """P = exp(s − M) with s = λ (z − z_max) + log α₀ and M_i = max_k s_ik; returns (P, M).
+
+    ``threads > 0``: one fused numba pass (float32/float64 contiguous logits), else torch.
+    """
+    if threads and logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous():
+        from selfclust import sinkhorn_cpu
+
+        n, k = logits.shape
+        p = torch.empty(n, k, dtype=torch.float32) if out is None else out
+        m = torch.empty(n, dtype=torch.float32)
+        la0 = log_alpha0.to(torch.float32)
+        sinkhorn_cpu.build_kernel(
+            logits.numpy(),
+            z_max.numpy(),
+            lam,
+            la0.numpy(),
+            _LOG_P_MIN,
+            p.numpy(),
+            m.numpy(),
+            threads,
+        )
+        return p, m
     p = _exponent(logits, z_max, lam, log_alpha0, out)  # [n, K] f32
     m = p.amax(dim=1) if p.shape[0] > 0 else p.new_zeros(0)  # [n]
     p.sub_(m[:, None]).clamp_(min=_LOG_P_MIN - 10.0).exp_()  # row max is exactly 1
@@ -112,15 +165,22 @@ def _sweep(
     inv_n: float,
     omega: float,
     check: bool,
+    threads: int = 0,
 ) -> torch.Tensor:
     """One pass over P: rows ``b ← b_ex (b_ex / b)^(ω−1)`` with ``b_ex = (1/N) / (P @ a)``
     (in place), then the local column sums ``[2, K]``: ``b @ P`` and, on check iterations,
     ``b_ex @ P`` (the column marginals of the plan with exact rows, for the error; ``b_ex``
     is written then too).
 
-    CPU: row chunks of ~_CHUNK_BYTES, the column product reads the chunk while it is in cache,
-    so the block streams from memory once per iteration. Other devices: two matrix products.
+    ``threads > 0``: the fused numba kernel (float64 sums). Otherwise CPU: row chunks of
+    ~_CHUNK_BYTES, the column product reads the chunk while it is in cache, so the block streams
+    from memory once per iteration; other devices: two matrix products.
     """
+    if threads:
+        from selfclust import sinkhorn_cpu
+
+        args = (p.numpy(), a.numpy(), b.numpy(), b_ex.numpy(), inv_n, omega, check, threads)
+        return torch.from_numpy(sinkhorn_cpu.sweep(*args))
     n, k = p.shape
     rows = max(n, 1) if p.device.type != "cpu" else max(64, _CHUNK_BYTES // (4 * k))
     c = torch.zeros(2, k, dtype=torch.float32, device=p.device)
@@ -233,6 +293,7 @@ def sinkhorn_knopp(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     device = logits.device
+    threads = _numba_threads(logits)  # 0: torch kernels
 
     # One all-reduce gives N and the number of non-finite rows, so all ranks raise together.
     if n > 0:
@@ -255,7 +316,7 @@ def sinkhorn_knopp(
 
     inv_n = 1.0 / n_total
     log_alpha0 = torch.zeros(k, dtype=torch.float64, device=device)  # absorbed in P
-    p, m = _build_kernel(logits, z_max, lam, log_alpha0, None)  # [n, K] f32, [n] f32
+    p, m = _build_kernel(logits, z_max, lam, log_alpha0, None, threads)  # [n, K] f32, [n] f32
     a = torch.ones(k, dtype=torch.float32, device=device)  # column scaling relative to P
     log_a = torch.zeros(k, dtype=torch.float64, device=device)  # log a as applied
     b = torch.empty(n, dtype=torch.float32, device=device)  # row scaling (relaxed)
@@ -269,7 +330,7 @@ def sinkhorn_knopp(
         # Rows (local): b_ex_i = (1/N) / Σ_k P_ik a_k; P's row max is 1 and a ≥ e^-36: finite.
         # Columns: c_k = Σ_i b_i P_ik over all ranks — the one all_reduce (K numbers; 2K on
         # checks, whose second row holds the exact-row column sums that the error needs).
-        c = _sweep(p, a, b, b_ex, inv_n, w, check)  # [2, K] f32
+        c = _sweep(p, a, b, b_ex, inv_n, w, check, threads)  # [2, K] f32 or f64
         c = all_reduce_sum((c if check else c[:1]).to(torch.float64), group)
         target = -math.log(k) - c[0].clamp(min=_C_FLOOR).log()  # exact column step, [K] f64
         nxt = target if w == 1.0 else torch.lerp(log_a, target, w)  # (1−ω) log a + ω target
@@ -290,7 +351,7 @@ def sinkhorn_knopp(
                     log_alpha0 = _exact_log_alpha(logits, z_max, lam, log_alpha0, m, b_ex, p, group)
                 else:
                     log_alpha0 = (log_alpha0 + nxt - nxt.max()).to(torch.float32).double()
-                p, m = _build_kernel(logits, z_max, lam, log_alpha0, p)
+                p, m = _build_kernel(logits, z_max, lam, log_alpha0, p, threads)
                 a.fill_(1.0)
                 log_a.zero_()
                 fresh = True
@@ -311,7 +372,14 @@ def sinkhorn_knopp(
     # with the exact rows of the last (check) iteration.
     log_alpha = log_alpha0 + a.to(torch.float64).log()
     log_beta = b_ex.to(torch.float64).log() - m.to(torch.float64) - lam * z_max.to(torch.float64)
-    labels = p.mul_(a[None, :]).argmax(dim=1) if n > 0 else torch.zeros(0, dtype=torch.int64)
+    if threads:
+        from selfclust import sinkhorn_cpu
+
+        labels = torch.from_numpy(sinkhorn_cpu.scaled_argmax(p.numpy(), a.numpy(), threads))
+    elif n > 0:
+        labels = p.mul_(a[None, :]).argmax(dim=1)
+    else:
+        labels = torch.zeros(0, dtype=torch.int64)
     del p
     return SinkhornResult(
         labels=labels.to(device),

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import selfclust.sinkhorn as sk
+from selfclust import sinkhorn_cpu
 from selfclust.collectives import WORLD
 from selfclust.sinkhorn import SinkhornResult, sinkhorn_knopp
 
@@ -253,6 +254,73 @@ def test_invalid_arguments_raise() -> None:
             sinkhorn_knopp(torch.zeros(10, 2), lam)
     with pytest.raises(ValueError, match="floating point"):
         sinkhorn_knopp(torch.zeros(10, 2, dtype=torch.int64), 25.0)
+
+
+# ---------------------------------------------------------------- fused CPU kernels (numba)
+
+
+def _both_kernels(z: torch.Tensor, la0: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(P, M) built by torch and by the fused kernel with 3 uneven row tasks."""
+    z_max = z.amax(1)
+    return [sk._build_kernel(z, z_max, 25.0, la0, None, threads) for threads in (0, 3)]
+
+
+@pytest.mark.parametrize("n", [0, 1797])
+def test_numba_kernels_match_torch(n: int) -> None:
+    """Real-ish block (digits' confident scores, K = 10; K = 50 below): same kernel, same rows
+    and column sums within float32 rounding, checked against float64 products of the inputs."""
+    for z in (confident_digit_logits()[:n], net_logits(3001, 50, seed=10)[: n + 3 * (n > 0)]):
+        rows, k = z.shape  # 1797 and 1800 rows: not multiples of the 256-row flush or 3 tasks
+        la0 = torch.linspace(-3.0, 0.0, k, dtype=torch.float64)
+        (p_t, m_t), (p_n, m_n) = _both_kernels(z, la0)
+        assert torch.equal(m_t, m_n)
+        assert torch.equal(p_t > 0, p_n > 0)  # same entries dropped below e^-50
+        assert torch.allclose(p_n, p_t, rtol=4e-7, atol=0.0)
+        a = torch.rand(k, generator=torch.Generator().manual_seed(rows)) * 0.9 + 0.1
+        b0 = torch.rand(rows, generator=torch.Generator().manual_seed(1)) / max(rows, 1)
+        for omega, check in ((1.0, True), (1.6, False), (1.6, True)):
+            out = []
+            for threads in (0, 3):
+                b, b_ex = b0.clone(), torch.zeros(rows)
+                c = sk._sweep(p_n, a, b, b_ex, 1 / 2000, omega, check, threads)
+                out.append((b, b_ex, c.double()))
+            (b_t, ex_t, c_t), (b_n, ex_n, c_n) = out
+            assert torch.allclose(b_n, b_t, rtol=2e-6, atol=0.0)
+            assert torch.allclose(ex_n, ex_t, rtol=2e-6, atol=0.0)
+            e = (1 / 2000) / (p_n.double() @ a.double())  # float64 oracle of the exact rows
+            assert torch.allclose(ex_n.double() if check else e, e, rtol=2e-6, atol=0.0)
+            ref = torch.stack([b_n.double() @ p_n.double(), ex_n.double() @ p_n.double()])
+            if not check:
+                c_n, c_t, ref = c_n[:1], c_t[:1], ref[:1]
+            assert torch.allclose(c_n, ref, rtol=1e-6, atol=1e-9 * ref.max().item())
+            assert torch.allclose(c_t, ref, rtol=1e-4, atol=1e-7 * ref.max().item())
+        want = p_t.mul(a).argmax(1) if rows else torch.zeros(0, dtype=torch.int64)
+        labels = sinkhorn_cpu.scaled_argmax(p_n.numpy(), a.numpy(), 3)
+        assert torch.equal(torch.from_numpy(labels), want)
+
+
+def test_fused_exp_within_two_ulp() -> None:
+    x = -torch.rand(1_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.cat([87.0 * x, torch.tensor([0.0, -1e-30, -0.34657, -0.34658, -50.0, -86.9])])
+    x = x.float()
+    ref = x.double().exp()
+    got = torch.from_numpy(sinkhorn_cpu.exp_neg(x.numpy())).double()
+    ulp = torch.from_numpy(np.spacing(ref.float().numpy())).double()
+    assert ((got - ref).abs() / ulp).max() <= 2.0
+
+
+def test_cpu_kernel_switch_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    z = net_logits(3000, 24, seed=11)
+    fused = sinkhorn_knopp(z, 25.0)
+    assert torch.get_num_threads() == 1  # numba's first launch must not change torch's count
+    monkeypatch.setenv("SELFCLUST_SINKHORN_CPU", "torch")
+    blas = sinkhorn_knopp(z, 25.0)
+    assert fused.converged and blas.converged
+    assert abs(fused.iterations - blas.iterations) <= 2
+    assert (fused.labels == blas.labels).double().mean() >= 0.999
+    monkeypatch.setenv("SELFCLUST_SINKHORN_CPU", "mkl")
+    with pytest.raises(ValueError, match="SELFCLUST_SINKHORN_CPU must be 'numba' or 'torch'"):
+        sinkhorn_knopp(z, 25.0)
 
 
 @pytest.mark.gpu
