@@ -6,6 +6,10 @@ and 2 gloo ranks vs 1, all measured in one run.
     python benchmarks/sinkhorn.py --n 20000 --k 500    # quicker
     python benchmarks/sinkhorn.py --gpu                # ImageNet size: N=1.28M, K=3000, 10 heads
 
+CPU kernels: the per-iteration tables put the fused numba sweep (the default) beside the
+torch/BLAS one (``SELFCLUST_SINKHORN_CPU=torch``), each vs one ``block.sum()``, for 1 and 2
+threads (``--sweep-threads``); the whole solve is timed with both.
+
 Simulated logits: a trained head's logits are low-rank and confident, so we draw features
 from a mixture of ``--classes`` Gaussians (class sizes vary ±20 %), project them with a random
 linear head and scale them to a median top-2 margin of ``--margin`` logits.
@@ -100,26 +104,78 @@ def best_of(fn: Any, repeat: int = 3) -> float:
     return min(times)
 
 
-def per_iteration(z: torch.Tensor, lam: float, check: bool) -> float:
-    """Seconds for one sweep of the kernel (rows, relaxation, column sums: what every
-    iteration does) on the real kernel P of these logits; ``check`` adds the exact-row column
-    sums that a convergence test needs. Kernel rebuilds are not included (see the solve's
-    total time for the amortised cost)."""
+def per_iteration(z: torch.Tensor, lam: float, threads: int) -> dict[str, float]:
+    """Seconds (best of 7) for one sweep of the kernel (rows, relaxation, column sums: what
+    every iteration does), one with the convergence check's exact-row column sums, and one
+    kernel build (done again whenever the scalings are absorbed), on the real kernel P of
+    these logits. ``threads``: numba threads for the fused kernels, 0 for torch/BLAS."""
     n, k = z.shape
     z_max = z.amax(dim=1)
-    p, _ = sk._build_kernel(
-        z, z_max, lam, torch.zeros(k, dtype=torch.float64, device=z.device), None
-    )
+    la0 = torch.zeros(k, dtype=torch.float64, device=z.device)
+    p, _ = sk._build_kernel(z, z_max, lam, la0, None, threads)
     a = torch.ones(k, device=z.device)
     b = torch.full((n,), 1.0 / n, device=z.device)
     b_ex = torch.empty_like(b)
 
-    def sweep() -> None:
-        sk._sweep(p, a, b, b_ex, 1.0 / n, 1.5, check)
+    def sweep(check: bool) -> None:
+        sk._sweep(p, a, b, b_ex, 1.0 / n, 1.5, check, threads)
         if z.is_cuda:
             torch.cuda.synchronize()
 
-    return best_of(sweep, repeat=5)
+    out = {
+        "sweep": best_of(lambda: sweep(False), repeat=7),
+        "check": best_of(lambda: sweep(True), repeat=7),
+        "build": best_of(lambda: sk._build_kernel(z, z_max, lam, la0, p, threads), repeat=5),
+    }
+    if z.is_cuda:  # the build is not synchronised above
+        del out["build"]
+    return out
+
+
+def solve(z: torch.Tensor, lam: float, kernel: str) -> tuple[SinkhornResult, float]:
+    """One solve with SELFCLUST_SINKHORN_CPU=kernel; returns (result, seconds)."""
+    before = os.environ.get(sk._CPU_KERNEL_ENV)
+    os.environ[sk._CPU_KERNEL_ENV] = kernel
+    try:
+        t = time.perf_counter()
+        res = sinkhorn_knopp(z, lam)
+        return res, time.perf_counter() - t
+    finally:
+        if before is None:
+            del os.environ[sk._CPU_KERNEL_ENV]
+        else:
+            os.environ[sk._CPU_KERNEL_ENV] = before
+
+
+def sweep_table(z: torch.Tensor, lam: float, threads: int, solves: dict[str, Any]) -> None:
+    """Per-iteration costs of both CPU kernels vs one read of the block, at ``threads``."""
+    torch.set_num_threads(threads)
+    t_read = best_of(lambda: z.sum(), repeat=7)  # z is a float32 [n, K] block like ours
+    fused = per_iteration(z, lam, sk._numba_threads(z))
+    blas = per_iteration(z, lam, 0)
+    n, k = z.shape
+
+    def cells(t: float) -> str:
+        return f"{1e3 * t:.1f} | {t / t_read:.2f}"
+
+    print(
+        f"\n| {threads} thread(s), load {os.getloadavg()[0]:.1f} | fused numba: ms | × read "
+        f"| torch/BLAS: ms | × read |\n|---|---|---|---|---|\n"
+        f"| `block.sum()` ({n}×{k} f32) | {cells(t_read)} | {cells(t_read)} |"
+    )
+    names = {
+        "sweep": "one sweep (rows + columns, relaxed)",
+        "check": "one sweep with convergence check",
+        "build": "kernel build (after each absorption)",
+    }
+    for key, name in names.items():
+        print(f"| {name} | {cells(fused[key])} | {cells(blas[key])} |")
+    if solves:
+        (rf, tf), (rb, tb) = solves["numba"], solves["torch"]
+        print(
+            f"| whole solve ÷ iterations ({rf.iterations} / {rb.iterations}, builds included) "
+            f"| {cells(tf / rf.iterations)} | {cells(tb / rb.iterations)} |"
+        )
 
 
 def _rank(rank: int, world: int, tmp: str, lam: float, threads: int) -> None:
@@ -163,12 +219,15 @@ def cpu_main(args: argparse.Namespace) -> None:
         f"N={args.n} K={args.k} λ={args.lam}, torch threads {args.threads}, "
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
-    t = time.perf_counter()
-    ours = sinkhorn_knopp(z, args.lam)
-    t_ours = time.perf_counter() - t
+    solve(z[:2000], args.lam, "numba")  # warm-up: loads (or first compiles) the numba kernels
+    ours, t_ours = solve(z, args.lam, "numba")
+    blas, t_blas = solve(z, args.lam, "torch")
     err_ours = column_error_f64(z, args.lam, ours.log_alpha)
     print("| solver | seconds | iterations | column error | |\n|---|---|---|---|---|")
-    row("selfclust (f32, tol 1e-3)", t_ours, ours.iterations, err_ours)
+    row("selfclust (f32, tol 1e-3), fused numba kernels", t_ours, ours.iterations, err_ours)
+    agree_blas = float((blas.labels == ours.labels).double().mean())
+    err_blas = column_error_f64(z, args.lam, blas.log_alpha)
+    row("selfclust, torch/BLAS kernels", t_blas, blas.iterations, err_blas, f"{agree_blas:.4f}")
     if not args.skip_sela:
         zn = z.double().numpy()
         from threadpoolctl import threadpool_limits
@@ -184,18 +243,12 @@ def cpu_main(args: argparse.Namespace) -> None:
         bound = "≥ " if it_sela == args.sela_max_iters else ""
         print(f"\nspeed-up over SeLa-style: {bound}{t_sela / t_ours:.1f}x")
         print(f"per iteration: SeLa-style {1e3 * t_sela / it_sela:.0f} ms (f64, dense P)")
-    # Per iteration vs one read of the block.
-    t_read = best_of(lambda: z.sum())  # z is a float32 [n, K] block like ours
-    t_it = per_iteration(z, args.lam, check=False)
-    t_chk = per_iteration(z, args.lam, check=True)
-    print(
-        f"\n| per iteration | ms | × one block.sum() |\n|---|---|---|\n"
-        f"| block.sum() ({args.n}×{args.k} f32) | {1e3 * t_read:.1f} | 1.00 |\n"
-        f"| ours: one sweep (rows + columns, relaxed) | {1e3 * t_it:.1f} | {t_it / t_read:.2f} |\n"
-        f"| ours: one sweep with convergence check | {1e3 * t_chk:.1f} | {t_chk / t_read:.2f} |\n"
-        f"| ours: whole solve / iterations (incl. kernel builds) | "
-        f"{1e3 * t_ours / ours.iterations:.1f} | {t_ours / ours.iterations / t_read:.2f} |"
-    )
+    # Per iteration vs one read of the block, both kernels, at each thread count.
+    for threads in sorted({int(t) for t in args.sweep_threads.split(",")} | {args.threads}):
+        solves = {"numba": (ours, t_ours), "torch": (blas, t_blas)}
+        sweep_table(z, args.lam, threads, solves if threads == args.threads else {})
+    torch.set_num_threads(args.threads)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.ranks > 1:
         torch.set_num_threads(1)
         t = time.perf_counter()
@@ -238,7 +291,7 @@ def gpu_main(args: argparse.Namespace) -> None:
         total += dt
         r = results[-1]
         print(f"head {h}: {dt:.2f} s, {r.iterations} iterations, error {r.error:.1e}")
-    t_it = per_iteration(z, args.lam, check=False)
+    t_it = per_iteration(z, args.lam, 0)["sweep"]
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(
         f"\n| | value |\n|---|---|\n| {heads} heads total | {total:.2f} s |\n"
@@ -255,6 +308,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=None, help="mixture components (K)")
     ap.add_argument("--margin", type=float, default=3.0, help="median top-2 logit margin")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--sweep-threads", default="1,2", help="thread counts for the per-iteration tables"
+    )
     ap.add_argument("--ranks", type=int, default=2, help="gloo ranks to compare with 1 (0: skip)")
     ap.add_argument("--skip-sela", action="store_true")
     ap.add_argument(

@@ -170,3 +170,50 @@ def scaled_argmax(p, a, tasks):  # type: ignore[no-untyped-def]
                     best, arg = v, j
             out[i] = arg
     return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FM_SWEEP)
+def log_col_max(z, z_max, lam, log_alpha0, m, log_b, tasks):  # type: ignore[no-untyped-def]
+    """``max_i s_ik`` ([K] float64) with ``s_ik = λ (z_ik − z_max_i) + log α₀_k − m_i + log b_i``
+    in float32 (the log-domain column step's first pass; nothing is written per entry)."""
+    n, k = z.shape
+    part = np.full((tasks, k), -np.inf, np.float32)
+    lamf = np.float32(lam)
+    for t in prange(tasks):
+        cm = part[t]
+        for i in range(t * n // tasks, (t + 1) * n // tasks):
+            zi, zm, mi, lb = z[i], z_max[i], m[i], log_b[i]
+            for j in range(k):
+                s = ((log_alpha0[j] + lamf * (np.float32(zi[j]) - zm)) - mi) + lb
+                cm[j] = max(cm[j], s)
+    out = np.full(k, -np.inf, np.float64)
+    for t in range(tasks):
+        for j in range(k):
+            out[j] = max(out[j], np.float64(part[t, j]))
+    return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FM_SWEEP)
+def log_col_sum(z, z_max, lam, log_alpha0, m, log_b, col_max, tasks):  # type: ignore[no-untyped-def]
+    """``Σ_i exp(max(s_ik − col_max_k, −87))`` ([K] float64), s as in :func:`log_col_max` and
+    ``col_max`` [K] float32 its all-reduced result (so every exponent is ≤ 0)."""
+    n, k = z.shape
+    totals = np.zeros((tasks, k), np.float64)
+    lamf = np.float32(lam)
+    floor = np.float32(-87.0)
+    for t in prange(tasks):
+        lo, hi = t * n // tasks, (t + 1) * n // tasks
+        c = np.zeros(k, np.float32)
+        for start in range(lo, hi, _FLUSH):
+            for i in range(start, min(start + _FLUSH, hi)):
+                zi, zm, mi, lb = z[i], z_max[i], m[i], log_b[i]
+                for j in range(k):
+                    s = ((log_alpha0[j] + lamf * (np.float32(zi[j]) - zm)) - mi) + lb
+                    c[j] += _exp_neg(max(s - col_max[j], floor))
+            for j in range(k):
+                totals[t, j] += c[j]
+                c[j] = 0.0
+    out = np.zeros(k, np.float64)
+    for t in range(tasks):
+        out += totals[t]
+    return out
