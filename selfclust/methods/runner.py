@@ -36,10 +36,27 @@ from selfclust.methods.nets import ClusterNet, DECModel, DEPICTModel, DGGModel
 Losses = dict[str, torch.Tensor]  # "loss" (the total) and named terms
 
 
-def fit_head(head: nn.Module, pool: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+def fit_head(
+    head: nn.Module,
+    pool: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    centroids: torch.Tensor | None = None,
+) -> float:
     """Fit a softmax head to k-means labels (full-batch Adam on the global pool, identical on
     every rank); rank 0's result is broadcast so all ranks hold the same bits. Returns the
-    final cross-entropy."""
+    final cross-entropy.
+
+    With ``centroids`` (a linear head) the head starts as ``softmax(−‖z − c_k‖² / τ)``, τ the
+    mean squared distance of the pool to its nearest centroid: its argmax is the k-means
+    partition from the first step, so Adam only sharpens it (from a random head, a small-scale
+    embedding needs many steps to reach confident predictions)."""
+    if centroids is not None and isinstance(head, nn.Linear):
+        c = centroids.to(pool)
+        tau = float(dec.squared_distances(pool, c).min(1).values.mean().clamp_min(1e-12))
+        with torch.no_grad():
+            head.weight.copy_(2.0 * c / tau)
+            head.bias.copy_(-c.square().sum(1) / tau)
     loss = torch.zeros(())
     if steps:
         opt = torch.optim.Adam(head.parameters(), 1e-2)
@@ -235,7 +252,7 @@ class DEPICTRunner(MethodRunner):
     def initialise(self, emb: Embedded) -> tuple[torch.Tensor, dict[str, Any]]:
         mu, pool, own = self._kmeans(emb)
         ce = fit_head(self._net(self.model).head, pool, assign(pool.cpu(), mu.cpu()),
-                      self.m.head_fit_steps)  # fmt: skip
+                      self.m.head_fit_steps, centroids=mu)  # fmt: skip
         self._stats(emb)
         self.hard = True
         return own[None], {"head_fit_ce": ce}
