@@ -112,7 +112,7 @@ def per_iteration(z: torch.Tensor, lam: float, threads: int) -> dict[str, float]
     n, k = z.shape
     z_max = z.amax(dim=1)
     la0 = torch.zeros(k, dtype=torch.float64, device=z.device)
-    p, _ = sk._build_kernel(z, z_max, lam, la0, None, threads)
+    p = sk._build_kernel(z, z_max, lam, la0, None, threads)[0]
     a = torch.ones(k, device=z.device)
     b = torch.full((n,), 1.0 / n, device=z.device)
     b_ex = torch.empty_like(b)
@@ -166,7 +166,7 @@ def sweep_table(z: torch.Tensor, lam: float, threads: int, solves: dict[str, Any
     names = {
         "sweep": "one sweep (rows + columns, relaxed)",
         "check": "one sweep with convergence check",
-        "build": "kernel build (after each absorption)",
+        "build": "kernel build after an absorption (numba: with the first sweep)",
     }
     for key, name in names.items():
         print(f"| {name} | {cells(fused[key])} | {cells(blas[key])} |")

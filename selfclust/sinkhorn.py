@@ -126,10 +126,13 @@ def _build_kernel(
     log_alpha0: torch.Tensor,
     out: Any,
     threads: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """P = exp(s − M) with s = λ (z − z_max) + log α₀ and M_i = max_k s_ik; returns (P, M).
+    rows: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """P = exp(s − M) with s = λ (z − z_max) + log α₀ and M_i = max_k s_ik; returns (P, M, c).
 
-    ``threads > 0``: one fused numba pass (float32/float64 contiguous logits), else torch.
+    ``threads > 0``: one fused numba pass (float32/float64 contiguous logits), which with
+    ``rows = (b, b_ex, 1/N)`` also does the first sweep on P (a = 1, ω = 1, check) and returns
+    its column sums c; otherwise torch, and c is None.
     """
     if threads and logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous():
         from selfclust import sinkhorn_cpu
@@ -137,24 +140,17 @@ def _build_kernel(
         n, k = logits.shape
         p = torch.empty(n, k, dtype=torch.float32) if out is None else out
         m = torch.empty(n, dtype=torch.float32)
-        la0 = log_alpha0.to(torch.float32)
-        sinkhorn_cpu.build_kernel(
-            logits.numpy(),
-            z_max.numpy(),
-            lam,
-            la0.numpy(),
-            _LOG_P_MIN,
-            p.numpy(),
-            m.numpy(),
-            threads,
-        )
-        return p, m
+        b, b_ex, inv_n = rows if rows is not None else (torch.empty(n), torch.empty(n), 1.0)
+        la0 = log_alpha0.to(torch.float32).numpy()
+        args = (logits.numpy(), z_max.numpy(), lam, la0, _LOG_P_MIN, p.numpy(), m.numpy())
+        c = sinkhorn_cpu.build_kernel(*args, inv_n, b.numpy(), b_ex.numpy(), threads)
+        return p, m, (torch.from_numpy(c) if rows is not None else None)
     p = _exponent(logits, z_max, lam, log_alpha0, out)  # [n, K] f32
     m = p.amax(dim=1) if p.shape[0] > 0 else p.new_zeros(0)  # [n]
     p.sub_(m[:, None]).clamp_(min=_LOG_P_MIN - 10.0).exp_()  # row max is exactly 1
     # Exact zeros below e^_LOG_P_MIN: no denormals in the products P_ik a_k and b_i P_ik.
     torch.nn.functional.threshold(p, math.exp(_LOG_P_MIN), 0.0, inplace=True)
-    return p, m
+    return p, m, None
 
 
 def _sweep(
@@ -330,11 +326,12 @@ def sinkhorn_knopp(
 
     inv_n = 1.0 / n_total
     log_alpha0 = torch.zeros(k, dtype=torch.float64, device=device)  # absorbed in P
-    p, m = _build_kernel(logits, z_max, lam, log_alpha0, None, threads)  # [n, K] f32, [n] f32
     a = torch.ones(k, dtype=torch.float32, device=device)  # column scaling relative to P
     log_a = torch.zeros(k, dtype=torch.float64, device=device)  # log a as applied
     b = torch.empty(n, dtype=torch.float32, device=device)  # row scaling (relaxed)
     b_ex = torch.empty(n, dtype=torch.float32, device=device)  # exact rows, set on checks
+    # [n, K] f32, [n] f32; numba: c_first holds the column sums of the first sweep on P
+    p, m, c_first = _build_kernel(logits, z_max, lam, log_alpha0, None, threads, (b, b_ex, inv_n))
     error, converged, fresh = math.inf, False, True
     omega, anchor = 1.0, (0, math.inf)  # over-relaxation and the (iteration, error) it saw
     it = 0
@@ -344,7 +341,10 @@ def sinkhorn_knopp(
         # Rows (local): b_ex_i = (1/N) / Σ_k P_ik a_k; P's row max is 1 and a ≥ e^-36: finite.
         # Columns: c_k = Σ_i b_i P_ik over all ranks — the one all_reduce (K numbers; 2K on
         # checks, whose second row holds the exact-row column sums that the error needs).
-        c = _sweep(p, a, b, b_ex, inv_n, w, check, threads)  # [2, K] f32 or f64
+        if c_first is not None:  # done by the build (fresh: a = 1, w = 1, check)
+            c, c_first = c_first, None
+        else:
+            c = _sweep(p, a, b, b_ex, inv_n, w, check, threads)  # [2, K] f32 or f64
         c = all_reduce_sum((c if check else c[:1]).to(torch.float64), group)
         target = -math.log(k) - c[0].clamp(min=_C_FLOOR).log()  # exact column step, [K] f64
         nxt = target if w == 1.0 else torch.lerp(log_a, target, w)  # (1−ω) log a + ω target
@@ -367,7 +367,9 @@ def sinkhorn_knopp(
                     )
                 else:
                     log_alpha0 = (log_alpha0 + nxt - nxt.max()).to(torch.float32).double()
-                p, m = _build_kernel(logits, z_max, lam, log_alpha0, p, threads)
+                p, m, c_first = _build_kernel(
+                    logits, z_max, lam, log_alpha0, p, threads, (b, b_ex, inv_n)
+                )
                 a.fill_(1.0)
                 log_a.zero_()
                 fresh = True

@@ -82,10 +82,13 @@ def exp_neg(x: Any) -> Any:
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FM_BUILD)
-def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, tasks):  # type: ignore[no-untyped-def]
+def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, b, b_ex, tasks):  # type: ignore[no-untyped-def]
     """``out = exp(s − M)`` with ``s = λ (z − z_max) + log α₀`` and ``M_i = max_k s_ik``,
     entries with ``s − M ≤ log_p_min`` set to exactly 0; writes ``m = M``. One pass: each
     row of z is read once and its s stays in L1 for the max and the exp.
+
+    The first sweep on a new kernel (``a = 1``, ω = 1, with check) is done in the same pass:
+    ``b = b_ex = inv_n / row sums``; returns its column sums [2, K] float64 as :func:`sweep`.
 
     z [n, K] float32/float64, z_max [n] float32, log_alpha0 [K] float32, out [n, K] float32.
     """
@@ -93,19 +96,40 @@ def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, tasks):  # type: 
     lamf = np.float32(lam)
     lo = np.float32(log_p_min)
     floor = np.float32(log_p_min - 10.0)  # keeps _exp_neg's argument in range
+    inv = np.float32(inv_n)
+    totals = np.zeros((tasks, k), np.float64)
     for t in prange(tasks):
-        for i in range(t * n // tasks, (t + 1) * n // tasks):
-            zi, oi, zm = z[i], out[i], z_max[i]
-            mx = np.float32(-np.inf)
+        lo_i, hi_i = t * n // tasks, (t + 1) * n // tasks
+        c = np.zeros(k, np.float32)
+        for start in range(lo_i, hi_i, _FLUSH):
+            for i in range(start, min(start + _FLUSH, hi_i)):
+                zi, oi, zm = z[i], out[i], z_max[i]
+                mx = np.float32(-np.inf)
+                for j in range(k):
+                    s = log_alpha0[j] + lamf * (np.float32(zi[j]) - zm)
+                    oi[j] = s
+                    mx = max(mx, s)
+                m[i] = mx
+                row_sum = np.float32(0.0)
+                for j in range(k):
+                    d = max(oi[j] - mx, floor)
+                    e = _exp_neg(d)
+                    e = e if d > lo else np.float32(0.0)
+                    oi[j] = e
+                    row_sum += e
+                e = inv / row_sum  # the row max is exactly 1: row_sum ≥ 1
+                b[i] = e
+                b_ex[i] = e
+                for j in range(k):
+                    c[j] += e * oi[j]
             for j in range(k):
-                s = log_alpha0[j] + lamf * (np.float32(zi[j]) - zm)
-                oi[j] = s
-                mx = max(mx, s)
-            m[i] = mx
-            for j in range(k):
-                d = max(oi[j] - mx, floor)
-                e = _exp_neg(d)
-                oi[j] = e if d > lo else np.float32(0.0)
+                totals[t, j] += c[j]
+                c[j] = 0.0
+    cols = np.zeros((2, k), np.float64)
+    for t in range(tasks):
+        cols[0] += totals[t]
+    cols[1] = cols[0]
+    return cols
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FM_SWEEP)

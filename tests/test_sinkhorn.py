@@ -262,7 +262,7 @@ def test_invalid_arguments_raise() -> None:
 def _both_kernels(z: torch.Tensor, la0: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(P, M) built by torch and by the fused kernel with 3 uneven row tasks."""
     z_max = z.amax(1)
-    return [sk._build_kernel(z, z_max, 25.0, la0, None, threads) for threads in (0, 3)]
+    return [sk._build_kernel(z, z_max, 25.0, la0, None, threads)[:2] for threads in (0, 3)]
 
 
 @pytest.mark.parametrize("n", [0, 1797])
@@ -276,6 +276,12 @@ def test_numba_kernels_match_torch(n: int) -> None:
         assert torch.equal(m_t, m_n)
         assert torch.equal(p_t > 0, p_n > 0)  # same entries dropped below e^-50
         assert torch.allclose(p_n, p_t, rtol=4e-7, atol=0.0)
+        # The fused build also does the first sweep on the new kernel (a = 1, ω = 1, check).
+        b_f, ex_f, b_s, ex_s = (torch.zeros(rows) for _ in range(4))
+        _, _, c_f = sk._build_kernel(z, z.amax(1), 25.0, la0, None, 3, (b_f, ex_f, 1 / 2000))
+        c_s = sk._sweep(p_n, torch.ones(k), b_s, ex_s, 1 / 2000, 1.0, True, 3)
+        assert c_f is not None and torch.allclose(c_f, c_s, rtol=1e-6, atol=0.0)
+        assert torch.allclose(b_f, b_s, rtol=1e-6, atol=0.0) and torch.equal(b_f, ex_f)
         a = torch.rand(k, generator=torch.Generator().manual_seed(rows)) * 0.9 + 0.1
         b0 = torch.rand(rows, generator=torch.Generator().manual_seed(1)) / max(rows, 1)
         for omega, check in ((1.0, True), (1.6, False), (1.6, True)):
