@@ -142,7 +142,8 @@ def _build_kernel(
         m = torch.empty(n, dtype=torch.float32)
         b, b_ex, inv_n = rows if rows is not None else (torch.empty(n), torch.empty(n), 1.0)
         la0 = log_alpha0.to(torch.float32).numpy()
-        args = (logits.numpy(), z_max.numpy(), lam, la0, _LOG_P_MIN, p.numpy(), m.numpy())
+        z, zm = logits.detach().numpy(), z_max.detach().numpy()
+        args = (z, zm, lam, la0, _LOG_P_MIN, p.numpy(), m.numpy())
         c = sinkhorn_cpu.build_kernel(*args, inv_n, b.numpy(), b_ex.numpy(), threads)
         return p, m, (torch.from_numpy(c) if rows is not None else None)
     p = _exponent(logits, z_max, lam, log_alpha0, out)  # [n, K] f32
@@ -236,7 +237,8 @@ def _exact_log_alpha(
         from selfclust import sinkhorn_cpu
 
         la0 = log_alpha0.to(torch.float32).numpy()
-        args = (logits.numpy(), z_max.numpy(), lam, la0, m.numpy(), b.log().numpy())
+        z, zm = logits.detach().numpy(), z_max.detach().numpy()
+        args = (z, zm, lam, la0, m.numpy(), b.log().numpy())
         col_max = all_reduce_max(torch.from_numpy(sinkhorn_cpu.log_col_max(*args, threads)), group)
         cm32 = col_max.to(torch.float32).numpy()
         col_sum = torch.from_numpy(sinkhorn_cpu.log_col_sum(*args, cm32, threads))
