@@ -80,7 +80,7 @@ def _numba_threads(t: torch.Tensor) -> int:
 
     torch_threads = torch.get_num_threads()
     threads = sinkhorn_cpu.set_threads(torch_threads)
-    # numba's OpenMP pool shares torch's libgomp, and its first launch sets the global count.
+    # numba's first launch of its OpenMP pool changes torch's thread count: put it back.
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     return threads

@@ -4,14 +4,18 @@ Why: with BLAS, one Sinkhorn sweep is two matrix-vector products (rows ``P @ a``
 column sums ``b @ P`` on the same cache-sized chunk): ~2× a plain read of the block even with
 the chunk in cache. Here every row is read from memory once: its dot with ``a`` while it
 streams into L1, then ``b_i · row`` is added to the column sums from L1. Rebuilding the kernel
-``P = exp(s − max s)`` is one pass too (torch: ~7 passes, and a slow ``exp``).
+``P = exp(s − max s)`` is one pass too (torch: ~7 passes, and a slow ``exp``), which also does
+the first sweep on the new kernel; the exact log-domain column step reads the logits twice and
+writes nothing (torch: ~8 passes through a scratch block).
 
 Rows are split evenly over ``tasks`` threads; each keeps float32 column sums over at most
 ``_FLUSH`` rows and adds them into float64 totals, so the column sums are at least as accurate
 as a float32 BLAS ``gemv`` over the block. Results depend on the thread count only by rounding.
 
 Never call these in a forked DataLoader worker (numba's OpenMP layer is not fork-safe):
-:func:`selfclust.sinkhorn` only uses them in the training process.
+:func:`selfclust.sinkhorn` only uses them in the training process. numba's pool (the system
+libgomp) is separate from torch's; its first launch resets torch's thread count, which
+:func:`selfclust.sinkhorn._numba_threads` restores.
 """
 
 from __future__ import annotations
