@@ -8,6 +8,7 @@ identity (``run.json``) that makes rerunning the same command resume the same ru
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -96,6 +97,15 @@ def _worker_entry(payload: dict[str, Any]) -> None:
 
     from selfclust.train import WorkerContext, train_loop
 
+    # Ray Train's per-report INFO lines ("Reporting training result", "Checkpoint successfully
+    # created") would bury the progress lines: warnings and errors only.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # the report lines come from a logger named after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     cfg = RunConfig.model_validate(payload["config"])
     tctx = ray.train.get_context()
     restore_dir = None

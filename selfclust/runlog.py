@@ -9,6 +9,7 @@ checkpoint) so a resumed run continues the same W&B run, with an explicit global
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -18,6 +19,8 @@ from typing import Any
 from tqdm import tqdm
 
 from selfclust.config import RunConfig
+
+_log = logging.getLogger("selfclust")
 
 
 def _clean(v: Any) -> Any:
@@ -109,8 +112,9 @@ class Progress:
         spent = time.perf_counter() - self._t0
         eta = spent / done * (self.total - step) if done else float("nan")
         eta_s = tqdm.format_interval(eta) if math.isfinite(eta) else "?"
-        print(
+        # A log record, not print(): Ray Train tees print() to the console twice once W&B has
+        # wrapped sys.stdout; its root logger shows records once (and files them per worker).
+        _log.info(
             f"[selfclust] step {step}/{self.total} epoch {epoch + 1}/{epochs} "
-            f"loss {loss:.4f} {ips:,.0f} img/s ETA {eta_s}",
-            flush=True,
+            f"loss {loss:.4f} {ips:,.0f} img/s ETA {eta_s}"
         )
