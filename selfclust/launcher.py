@@ -55,8 +55,11 @@ def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
 
 
 def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """A built-in dataset name becomes a shard dir under RUN_DIR/shards (written once)."""
+    """A built-in dataset name becomes a shard dir under RUN_DIR/shards (written once); a
+    relative local path becomes absolute (from where the command runs: the Ray workers run
+    in another directory)."""
     from selfclust.shards import BUILTIN, write_shards
+    from selfclust.urls import is_local
 
     updates: dict[str, Any] = {}
     for key in ("train", "eval"):
@@ -66,6 +69,8 @@ def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
             if not (out / "manifest.json").is_file():
                 write_shards(name, out)
             updates[key] = str(out.resolve())
+        elif name and is_local(name) and not os.path.isabs(name):
+            updates[key] = os.path.abspath(name)
     if not updates:
         return cfg
     data = cfg.data.model_copy(update=updates)

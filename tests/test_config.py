@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from selfclust.config import ConfigError, load_config, parse_overrides
@@ -114,3 +116,20 @@ def test_method_configs_load():
             cfg = load_config(root / f"{method}_{data}.yaml")
             assert cfg.method.name == method and cfg.method.heads == 1
     assert load_config(root / "sela_coil20.yaml").method.clusters == 20
+
+
+def test_relative_local_shard_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
+    """Ray workers run in another directory: a relative `data.train` must reach them absolute;
+    URLs and pipe: commands pass through unchanged."""
+    from selfclust.launcher import resolve_data
+
+    quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(quickstart, ["data.train=shards/usps", "data.eval=x/{0..3}"])
+    out = resolve_data(cfg, tmp_path / "run")
+    assert out.data.train == str(tmp_path / "shards" / "usps")
+    assert out.data.eval == str(tmp_path / "x" / "{0..3}")
+    for spec in ("http://127.0.0.1:8000/digits", "pipe:cat /data/{name}", "/abs/shards"):
+        cfg = load_config(quickstart, [f"data.train={spec}"])
+        assert resolve_data(cfg, tmp_path / "run").data.train == spec
