@@ -22,7 +22,8 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """sklearn digits (1797 real 8×8 images) in 5 WebDataset shards."""
-    from runs import DIGITS
+    from cli_runs import DIGITS
+
     from selfclust.shards import write_shards
 
     out = tmp_path_factory.mktemp("data") / "digits"
@@ -32,10 +33,10 @@ def digits_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_run(digits_shards: Path, tmp_path_factory) -> tuple[Path, dict]:
-    """One uninterrupted `selfclust train` on 2 Ray workers (runs.FAULT_RUN): its run dir and
+    """One uninterrupted `selfclust train` on 2 Ray workers (cli_runs.FAULT_RUN): its run dir and
     its summary as first written. The end-to-end CLI test inspects it; the fault tests compare
     their interrupted runs' model digests with it."""
-    from runs import STEPS, finish, start, train_cmd
+    from cli_runs import STEPS, finish, start, train_cmd
 
     run = tmp_path_factory.mktemp("reference") / "run"
     log = run.parent / "log.txt"

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from runs import STEPS, train_cmd
+from cli_runs import STEPS, train_cmd
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
@@ -41,7 +40,7 @@ def shards(tmp_path_factory) -> Path:
 def test_train_evaluate_resume(
     digits_shards: Path, reference_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    """`selfclust train` (the session's reference run, tests/runs.py) → summary, metrics, W&B;
+    """`selfclust train` (the session's reference run, tests/cli_runs.py) → summary, metrics, W&B;
     then `evaluate`, a rerun that resumes with nothing left to train, a refused config."""
     run, summary = reference_run
     args = train_cmd(digits_shards, run)[3:]  # from "train" on

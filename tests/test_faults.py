@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from runs import (
+from cli_runs import (
     FAULT_RUN,
     STEPS,
     finish,
@@ -189,13 +188,26 @@ wait("step 30", lambda: any(r["step"] >= 30 for r in events("train")))
 cluster.add_node(num_cpus=2)  # the replacement node
 cluster.wait_for_nodes()
 gcs = ray._raylet.GcsClient(address=cluster.address)
-deadline_ms = int(time.time() * 1000) + 6000
+deadline_ms = int(time.time() * 1000) + 120_000  # the test reclaims the node itself, below
 reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
 accepted, why = gcs.drain_node(spot.node_id, reason, "spot reclaim (test)", deadline_ms)
 assert accepted, why
 wait("preemption notice", lambda: events("preemption_notice"))
+step = events("preemption_notice")[0]["step"]
+
+def registered():  # Ray's checkpoint manager holds one from the notice's step or later
+    try:
+        snap = next(run.glob("ray/*/checkpoint_manager_snapshot.json")).read_text()
+        results = json.loads(snap)["checkpoint_results"]
+    except (StopIteration, ValueError, KeyError):
+        return False
+    return any(r.get("metrics", {}).get("global_step", -1) >= step for r in results)
+
+# The reclaim comes once the just-in-time checkpoint is in (a real deadline is seconds to
+# minutes away; a fixed one here would race the checkpoint on a loaded machine).
+wait("the just-in-time checkpoint", registered)
+cluster.remove_node(spot)
 wait("restart", lambda: events("resumed"))
-cluster.remove_node(spot)  # the reclaim itself
 thread.join(300)
 print("RESULT " + json.dumps(out.get("summary")))
 """
