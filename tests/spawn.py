@@ -53,3 +53,36 @@ def run_ranks(fn: Callable[..., Any], world: int, tmp: Path, *args: Any) -> list
             raise RuntimeError(f"rank {r} failed:\n{value}")
         results.append(value)
     return results
+
+
+def train_rank(
+    rank: int, world: int, shards: str, out: str, overrides: list[str], resume: str | None
+) -> dict:
+    """One rank of the trainer's worker loop in this process (no Ray): the summary, and each
+    reported checkpoint copied under ``out`` as Ray's storage would keep it."""
+    import shutil
+
+    import torch
+
+    from selfclust.config import load_config
+    from selfclust.train import WorkerContext, train_loop
+
+    cfg = load_config(None, [f"data.train={shards}", *overrides])
+    saved: list[tuple[dict, str]] = []
+
+    def report(metrics: dict, path: str | None) -> None:
+        if path is not None:
+            dest = Path(out) / f"ckpt-{len(saved):03d}"
+            shutil.copytree(path, dest)
+            saved.append((metrics, str(dest)))
+
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=world,
+        device=torch.device("cpu"),
+        report=report,
+        checkpoint_dir=resume,
+        run_dir=Path(out) / "run",
+        wandb_id="test",
+    )
+    return {"summary": train_loop(cfg, ctx), "saved": saved}

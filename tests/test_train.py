@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,31 +27,9 @@ OVERRIDES = [
 
 
 def run_rank(rank: int, world: int, shards: str, out: str, resume_from: str | None) -> dict:
-    import torch
+    from spawn import train_rank
 
-    from selfclust.config import load_config
-    from selfclust.train import WorkerContext, train_loop
-
-    cfg = load_config(None, [f"data.train={shards}", *OVERRIDES])
-    saved: list[tuple[dict, str]] = []
-
-    def report(metrics: dict, path: str | None) -> None:
-        if path is not None:  # keep a copy, as Ray's storage would
-            dest = Path(out) / f"ckpt-{len(saved):03d}"
-            shutil.copytree(path, dest)
-            saved.append((metrics, str(dest)))
-
-    ctx = WorkerContext(
-        rank=rank,
-        world_size=world,
-        device=torch.device("cpu"),
-        report=report,
-        checkpoint_dir=resume_from,
-        run_dir=Path(out) / "run",
-        wandb_id="test",
-    )
-    summary = train_loop(cfg, ctx)
-    return {"summary": summary, "saved": saved}
+    return train_rank(rank, world, shards, out, OVERRIDES, resume_from)
 
 
 @pytest.fixture(scope="module")

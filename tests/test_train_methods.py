@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,28 +56,9 @@ SHORT = [
 def run_rank(
     rank: int, world: int, shards: str, out: str, overrides: list[str], resume: str | None
 ) -> dict:
-    from selfclust.config import load_config
-    from selfclust.train import WorkerContext, train_loop
+    from spawn import train_rank
 
-    cfg = load_config(None, [f"data.train={shards}", *BASE, *overrides])
-    saved: list[tuple[dict, str]] = []
-
-    def report(metrics: dict, path: str | None) -> None:
-        if path is not None:  # keep a copy, as Ray's storage would
-            dest = Path(out) / f"ckpt-{len(saved):03d}"
-            shutil.copytree(path, dest)
-            saved.append((metrics, str(dest)))
-
-    ctx = WorkerContext(
-        rank=rank,
-        world_size=world,
-        device=torch.device("cpu"),
-        report=report,
-        checkpoint_dir=resume,
-        run_dir=Path(out) / "run",
-        wandb_id="test",
-    )
-    return {"summary": train_loop(cfg, ctx), "saved": saved}
+    return train_rank(rank, world, shards, out, [*BASE, *overrides], resume)
 
 
 def run_methods(rank: int, world: int, shards: str, out: str, runs: dict) -> dict:
