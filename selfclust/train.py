@@ -267,6 +267,9 @@ class Trainer:
         if initial and m.init == "random" and self.runner is None:
             self.bank.assign(random_bank(m.heads, self.n, m.clusters, self.cfg.seed))
             return
+        # Marks the start of a full pass over the data (fault tests kill a worker inside it).
+        self.log.log({"step": self.pos.global_step, "epoch": self.pos.epoch,
+                      "event": "label_pass_start", "initial": initial})  # fmt: skip
         self._relabel(initial)
         if not initial:
             self.pos.labels_step = self.pos.global_step
