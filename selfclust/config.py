@@ -69,7 +69,8 @@ class MethodConfig(_Section):
     )
     # Initial labels: faiss k-means on the (untrained) backbone's pooled features, on raw-pixel
     # thumbnails (kmeans_pixel_size² per channel), or SeLa's random equal-size labels.
-    init: Literal["kmeans", "kmeans_pixels", "random"] = "random"
+    # manifold_pixels: UMAP + Gaussian mixture on the thumbnails (see selfclust/manifold.py).
+    init: Literal["kmeans", "kmeans_pixels", "manifold_pixels", "random"] = "random"
     kmeans_pixel_size: int = Field(16, ge=1)
     kmeans_samples: int = Field(
         100_000, ge=1, description="features sampled (over all ranks) for k-means"
@@ -78,6 +79,13 @@ class MethodConfig(_Section):
     # init=kmeans only: also set each head to score its k-means centroids (the first labels
     # are the k-means labels either way); the heads read the same pooled features.
     kmeans_init_heads: bool = False
+    # The last `manifold_relabels` label updates cluster the backbone's pooled features with
+    # UMAP + a Gaussian mixture on a global sample of kmeans_samples (rank 0, CPU; the rest by
+    # k-NN vote) instead of Sinkhorn: unequal cluster sizes, curved clusters (sela only).
+    manifold_relabels: int = Field(0, ge=0, description="last label updates done by UMAP + GMM")
+    manifold_neighbors: int = Field(20, ge=2, description="UMAP n_neighbors")
+    manifold_dim: int = Field(10, ge=1, description="UMAP output dimensions")
+    manifold_restarts: int = Field(3, ge=1, description="Gaussian-mixture EM runs; best kept")
     # --- dec / depict / dgg (ignored by sela). Refreshes reuse relabels / relabel_power /
     # relabel_start, counted over the clustering phase (optim.epochs), after pretraining.
     pretrain_epochs: int = Field(
@@ -117,6 +125,22 @@ class MethodConfig(_Section):
     def _kmeans_heads(self) -> MethodConfig:
         if self.kmeans_init_heads and self.init != "kmeans":
             raise ValueError("kmeans_init_heads needs init=kmeans (heads read backbone features)")
+        if self.manifold_relabels > self.relabels:
+            raise ValueError(
+                f"method.manifold_relabels={self.manifold_relabels} exceeds method.relabels="
+                f"{self.relabels}: it counts the last label updates"
+            )
+        manifold = self.manifold_relabels > 0 or self.init == "manifold_pixels"
+        if manifold and self.clusters > 1000:
+            raise ValueError(
+                f"manifold clustering (UMAP + a Gaussian mixture on rank 0) is for up to 1000 "
+                f"clusters, got method.clusters={self.clusters}: use Sinkhorn label updates "
+                "(method.manifold_relabels=0) and init=kmeans or random"
+            )
+        if manifold and self.name != "sela":
+            raise ValueError(
+                "method.manifold_relabels and init=manifold_pixels are SeLa's (method.name=sela)"
+            )
         if self.name != "sela":
             if self.heads != 1:
                 raise ValueError(

@@ -7,6 +7,7 @@ same under Ray Train, under ``torchrun``-style spawned gloo ranks in tests, or a
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import shutil
@@ -35,6 +36,7 @@ from selfclust.labelling import (
     sinkhorn_labels,
     thumbnails,
 )
+from selfclust.manifold import manifold_labels
 from selfclust.methods.nets import ClusterNet
 from selfclust.methods.runner import MethodRunner, build_runner
 from selfclust.metrics import clustering_scores, head_agreement
@@ -279,12 +281,28 @@ class Trainer:
 
     def _relabel(self, initial: bool) -> None:
         m = self.cfg.method
-        pixels = initial and m.init == "kmeans_pixels" and self.runner is None
+        pixels = initial and m.init in ("kmeans_pixels", "manifold_pixels") and self.runner is None
         emb = self._embed(self.shards, pixels=pixels)
         record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
         if self.runner is not None:
             local, extra = (self.runner.initialise if initial else self.runner.refresh)(emb)
             record.update(event="init_kmeans" if initial else "relabel", **extra)
+        elif (initial and m.init == "manifold_pixels") or (not initial and self._manifold_now()):
+            local = manifold_labels(
+                emb.features,
+                emb.idx,
+                m.heads,
+                m.clusters,
+                m.kmeans_samples,
+                self.cfg.seed + (0 if initial else self.pos.global_step),
+                self.n,
+                neighbors=m.manifold_neighbors,
+                dim=m.manifold_dim,
+                restarts=m.manifold_restarts,
+                l2_normalize=not pixels,
+            )
+            record["event"] = f"init_{m.init}" if initial else "relabel"
+            record["labeller"] = "manifold"
         elif initial:
             local = kmeans_labels(
                 emb,
@@ -327,6 +345,12 @@ class Trainer:
             y[gt[:, 0]] = gt[:, 1]
             record["pseudo_acc_head0"] = clustering_scores(y.numpy(), new[0].numpy())["acc"]
         self.log.log(record)
+
+    def _manifold_now(self) -> bool:
+        """Whether the label update at this step is one of the last ``manifold_relabels``."""
+        schedule = sorted(self.relabel_at)
+        later = len(schedule) - bisect.bisect_left(schedule, self.pos.global_step)
+        return self.runner is None and later <= self.cfg.method.manifold_relabels
 
     # ------------------------------------------------------------------ training
     def _method_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Tests for selfclust.manifold: UMAP + GMM beats k-means on real digits, the k-NN vote
+against brute force, and 2 gloo ranks give the labels of 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfclust.kmeans import kmeans
+from selfclust.manifold import cluster_pool, manifold_labels, vote
+from selfclust.metrics import clustering_scores
+from tests.spawn import run_ranks
+
+DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    d = np.load(DIGITS)
+    return d["x"].reshape(len(d["x"]), -1).astype(np.float32), d["y"].astype(np.int64)
+
+
+def test_umap_gmm_beats_kmeans_on_digits(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    labels = cluster_pool(x, 10, seed=0, neighbors=15)
+    ours = clustering_scores(y, labels)["acc"]
+    km = kmeans(torch.from_numpy(x), 10, niter=50, seed=0)
+    base = clustering_scores(y, torch.cdist(torch.from_numpy(x), km.centroids).argmin(1).numpy())
+    assert ours > base["acc"] + 0.05, (ours, base)
+    assert np.array_equal(labels, cluster_pool(x, 10, seed=0, neighbors=15))  # deterministic
+
+
+def test_vote_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    pool = torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=1)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    x = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    got = vote(pool, labels, x, 5, neighbours=7)
+    sim = (x @ pool.t()).double()
+    top = sim.topk(7, dim=1)
+    expect = torch.zeros(50, 5, dtype=torch.float64)
+    for i in range(50):
+        for s, j in zip(top.values[i], top.indices[i], strict=True):
+            expect[i, labels[j]] += max(float(s), 0.0) + 1e-6
+    assert torch.equal(got, expect.argmax(1))
+
+
+def test_too_few_samples_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="kmeans_samples"):
+        cluster_pool(np.zeros((8, 3), np.float32), 10, seed=0)
+
+
+def _rank(rank: int, world: int, x: torch.Tensor, samples: int) -> torch.Tensor:
+    idx = torch.arange(len(x))[rank::world]  # interleaved: every rank holds part of the pool
+    out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), neighbors=15)
+    return torch.stack([idx, out[0]])
+
+
+def test_two_ranks_equal_one(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = torch.from_numpy(digits[0]), digits[1]
+    one = _rank(0, 1, x, 1200)  # no process group: the single-process path, in this process
+    two = torch.cat(run_ranks(_rank, 2, tmp_path / "two", x, 1200), dim=1)
+    a = one[1][torch.argsort(one[0])]
+    b = two[1][torch.argsort(two[0])]
+    assert torch.equal(a, b)
+    # 597 of 1797 rows are outside the pool and labelled by the vote: still a good partition.
+    assert clustering_scores(y, a.numpy())["acc"] > 0.85
