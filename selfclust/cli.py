@@ -116,8 +116,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_workers(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"takes 'auto' or a count >= 1, got {text!r}")
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
-    from selfclust.probe import ProbeConfig, run_probe
+    from selfclust.probe import ProbeConfig
+    from selfclust.probe_launch import run_probe
 
     cfg = ProbeConfig(
         epochs=args.epochs,
@@ -141,6 +148,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         workers=args.workers,
         image_size=args.image_size,
     )
+    print(f"ranks: {result['world_size']} on {result['device']} ({result['workers']['rule']})")
     print(f"split: {result['split']}  ({result['num_train']} train / {result['num_eval']} eval)")
     print(f"{'linear probe':<14}{'dim':>6}{'top-1':>9}{'top-5':>9}")
     for stage, r in result["linear"].items():
@@ -242,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--knn-temperature", type=float, default=0.07)
     pr.add_argument("--image-size", type=int, help="resize images (default: the run's size)")
     pr.add_argument(
-        "--workers", type=int, default=1, help="local gloo ranks, each embedding its own shards"
+        "--workers",
+        type=_probe_workers,
+        default="auto",
+        help="local ranks, each embedding its own shards (on cuda:RANK when CUDA exists); "
+        "auto: the run's trainer.num_workers above 50,000 samples, else 1",
     )
     pr.set_defaults(func=cmd_probe)
     return p

@@ -22,12 +22,8 @@ summed with one all-reduce per step; so the result does not depend on the number
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -316,60 +312,3 @@ def probe_model(
     result = probe_features(train, test, num_classes, cfg, group)
     result.update(split=split, protocol=asdict(cfg))
     return result
-
-
-def _rank_main(rank: int, world: int, rendezvous: str, kwargs: dict[str, Any]) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        result = _probe_here(**kwargs)
-        if rank == 0:
-            Path(rendezvous + ".result").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
-def _probe_here(
-    target: str, data: str | None, eval_data: str | None, cfg: ProbeConfig, image_size: int | None
-) -> dict[str, Any]:
-    from selfclust.evaluate import load_run
-
-    model, run_cfg, ckpt, _ = load_run(target, data)
-    if cfg.hflip is None:
-        cfg = replace(cfg, hflip=run_cfg.augment.hflip)
-    train = ShardSet.open(data or run_cfg.data.train, run_cfg.data.io_timeout_s)
-    ev = ShardSet.open(eval_data, run_cfg.data.io_timeout_s) if eval_data else None
-    size = image_size or run_cfg.data.image_size
-    result = probe_model(model, train, ev, cfg, image_size=size)
-    result.update(checkpoint=str(Path(ckpt).resolve()), data=train.root, image_size=size)
-    result["eval_data"] = ev.root if ev else None
-    result["world_size"] = C.world_size()
-    return result
-
-
-def run_probe(
-    target: str | Path,
-    data: str | None,
-    eval_data: str | None,
-    cfg: ProbeConfig,
-    *,
-    workers: int = 1,
-    image_size: int | None = None,
-) -> dict[str, Any]:
-    """``selfclust probe``: probes and k-NN for a run dir or checkpoint dir. ``workers > 1``
-    spawns that many local gloo ranks, each extracting the features of its own shards."""
-    kwargs = dict(
-        target=str(target), data=data, eval_data=eval_data, cfg=cfg, image_size=image_size
-    )
-    if workers <= 1:
-        return _probe_here(**kwargs)  # type: ignore[arg-type]
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="selfclust-probe-") as tmp:
-        rendezvous = str(Path(tmp) / "rendezvous")
-        mp.start_processes(
-            _rank_main, args=(workers, rendezvous, kwargs), nprocs=workers, start_method="spawn"
-        )
-        return json.loads(Path(rendezvous + ".result").read_text())

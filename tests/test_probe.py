@@ -1,5 +1,6 @@
 """Linear probes: per-stage features, learning a separable set, not learning shuffled labels,
-and the same result on 2 gloo ranks as on one (features extracted per rank from real shards)."""
+and the same result on 2 gloo ranks as on one (features extracted per rank from real shards);
+``--workers auto`` following the run's config."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from selfclust import cli
 from selfclust import collectives as C
-from selfclust.config import AugmentConfig, ModelConfig
+from selfclust.bank import LabelBank
+from selfclust.checkpoint import Position, make_state, write_state
+from selfclust.config import AugmentConfig, ModelConfig, RunConfig, load_config
 from selfclust.data import ShardSet
 from selfclust.model import SelfLabelNet
 from selfclust.probe import Features, ProbeConfig, extract, probe_features, probe_model
+from selfclust.probe_launch import AUTO_MIN_SAMPLES, resolve_workers, run_probe
 from selfclust.shards import write_shards
 from tests.spawn import run_ranks
 
+ROOT = Path(__file__).parents[1]
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 FAST = dict(epochs=15, batch_size=128, views=1, knn_k=(20,))
 
@@ -162,3 +168,64 @@ def test_synthetic_two_ranks_equal_one(two_ranks: list[dict]):
 def test_separate_eval_shards(digit_shards: Path):
     r = _probe(0, 1, str(digit_shards), str(digit_shards))
     assert r["num_train"] == r["num_eval"] == 1797 and "evaluation:" in r["split"]
+
+
+def test_auto_workers_follow_the_run():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["trainer.num_workers=4"])
+    big = AUTO_MIN_SAMPLES + 1
+    assert resolve_workers("auto", cfg, 1797, 5, gpus=0)[0] == 1
+    assert resolve_workers("auto", cfg, AUTO_MIN_SAMPLES, 50, gpus=0)[0] == 1
+    world, rule = resolve_workers("auto", cfg, big, 50, gpus=0)
+    assert world == 4 and "trainer.num_workers=4" in rule and "capped" not in rule
+    world, rule = resolve_workers("auto", cfg, big, 3, gpus=0)  # 3 shards: a 4th rank idles
+    assert world == 3 and "capped at 3 training shards" in rule
+    assert resolve_workers("auto", cfg, big, 50, gpus=2)[0] == 2  # one rank per GPU
+    assert resolve_workers(3, cfg, 10, 1, gpus=0) == (3, "--workers 3")  # explicit: as given
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        resolve_workers(3, cfg, 10, 1, gpus=2)
+    for bad in (0, "three"):
+        with pytest.raises(ValueError, match="'auto' or a count"):
+            resolve_workers(bad, cfg, 10, 1, gpus=0)
+
+
+def test_cli_workers_option(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["probe", "run"]).workers == "auto"
+    assert parser.parse_args(["probe", "run", "--workers", "2"]).workers == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["probe", "run", "--workers", "0"])
+    assert "'auto' or a count >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["probe", "--help"])
+    assert f"{AUTO_MIN_SAMPLES:,} samples" in capsys.readouterr().out  # the help states the rule
+
+
+def test_run_probe_auto_on_a_small_set_is_one_process(digit_shards: Path):
+    cfg = RunConfig.model_validate(
+        {
+            "data": {"train": str(digit_shards)},
+            "model": {"arch": "small_resnet", "widths": [8, 16]},
+            "method": {"heads": 1, "clusters": 10},
+            "trainer": {"num_workers": 2},
+        }
+    )
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = make_state(
+        model=model,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        bank_state=LabelBank(1, 1797, 10).state_dict(),
+        position=Position(),
+        cfg=cfg,
+        wandb_id="probetest",
+    )
+    ckpt = write_state(state)
+    r = run_probe(ckpt, None, None, ProbeConfig(epochs=2, views=1, knn_k=(20,)))
+    assert r["world_size"] == 1 and r["device"] == "cpu"
+    assert r["workers"] == {
+        "requested": "auto",
+        "ranks": 1,
+        "rule": f"auto: 1,797 samples <= {AUTO_MIN_SAMPLES:,}, one process",
+    }
+    assert r["num_train"] + r["num_eval"] == 1797 and r["linear"]["pool"]["top1"] > 0.3
