@@ -5,7 +5,8 @@ through Ray's own ``prepare_config`` + ``validate_config`` (what ``ray up`` runs
 talks to a cloud); the KubeRay manifest for the fields the operator needs; every config for
 loading; the Dockerfiles with hadolint and the submit script with bash -n and shellcheck (both
 linters are pinned in the dev extras, so CI runs them); the submit script's contract (run name,
-W&B key only through the runtime env) on a real local Ray cluster.
+W&B key only through the runtime env, in no file Ray or selfclust writes) on a real local Ray
+cluster; the GPU benchmark's clean exit without a GPU.
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ def test_cluster_yaml_spot_layout(path: Path) -> None:
     assert "mount" in init and "/shared" in init
     assert "-v /shared:/shared" in cfg["docker"]["run_options"]
     assert "selfclust" in cfg["docker"]["image"] and "gpu" in cfg["docker"]["image"]
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
+def test_cluster_ray_start_logs_at_warning(path: Path) -> None:
+    """Every `ray start` keeps Ray's Python logs at WARNING: at INFO the runtime env agent
+    writes each job's runtime env (the W&B key from launch/submit.sh) to its log file."""
+    cfg = yaml.safe_load(path.read_text())
+    starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[k]]
+    starts = [c for c in starts if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:
+        assert "RAY_LOGGER_LEVEL=warning ray start" in c, c
 
 
 @pytest.mark.parametrize("path", [*CLUSTERS, KUBERAY, SUBMIT], ids=lambda p: p.name)
@@ -315,6 +328,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _files_holding(root: Path, needle: str) -> list[Path]:
+    """Every regular file under root whose bytes contain needle (sockets, fifos skipped)."""
+    return [f for f in root.rglob("*") if f.is_file() and needle.encode() in f.read_bytes()]
+
+
 @pytest.mark.slow
 def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
     """A real `ray start --head` + `ray job submit` through launch/submit.sh, end to end."""
@@ -351,7 +369,7 @@ def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
     temp = Path(f"/tmp/sct{os.getpid()}")  # short: Ray's unix sockets live under it
     temp.mkdir(exist_ok=True)
     log = (temp / "head.log").open("w")
-    head = subprocess.Popen(
+    head = subprocess.Popen(  # started like the cluster YAMLs' `ray start`: Python logs at WARNING
         [bin_dir + "/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={temp}",
          # other Ray instances may run on this machine: no default ports
@@ -359,7 +377,7 @@ def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
          f"--dashboard-agent-grpc-port={_free_port()}",
          f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
          "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env={**env, "RAY_LOGGER_LEVEL": "warning"}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -392,10 +410,11 @@ def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
         assert jobs[0].status == "SUCCEEDED"
         # the key reached the job through its runtime env ...
         assert jobs[0].runtime_env["env_vars"]["WANDB_API_KEY"] == key
-        # ... and selfclust wrote it nowhere in the run dir
-        for f in run_dir.rglob("*"):
-            if f.is_file() and f.stat().st_size < 50_000_000:
-                assert key.encode() not in f.read_bytes(), f
+        # ... and nothing wrote it to disk: not selfclust (run dir, shards), not Ray (every
+        # log, job and runtime env file under the head's --temp-dir). Without the YAMLs'
+        # RAY_LOGGER_LEVEL=warning, logs/runtime_env_agent.log holds it (Ray 2.60).
+        assert _files_holding(tmp_path, key) == []
+        assert _files_holding(temp, key) == []
     finally:
         head.terminate()
         log.close()
@@ -404,3 +423,22 @@ def test_submit_runs_job_on_real_cluster(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- GPU benchmark
+
+
+def test_gpu_benchmark_exits_cleanly_without_gpu() -> None:
+    """CI has no GPU: the benchmark says so and fails, instead of a CUDA traceback or a hang.
+    CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on GPU machines too."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
+    assert r.returncode != 0
+    assert "gpu_train.py needs a CUDA GPU and found none" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
