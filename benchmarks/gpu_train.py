@@ -38,6 +38,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
+def require_gpu() -> torch.device:
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "benchmarks/gpu_train.py needs a CUDA GPU and found none "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a GPU "
+            "machine (driver >= 580 for this CUDA 13 build), e.g. a node of "
+            "launch/aws-gpu-spot.yaml or inside docker/Dockerfile.gpu with --gpus all."
+        )
+    return torch.device("cuda", 0)
+
+
+if __name__ == "__main__":
+    require_gpu()  # before importing selfclust (ray, torchvision: seconds) so no GPU fails fast
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfclust.augment import augment  # noqa: E402
 from selfclust.config import build_config  # noqa: E402
@@ -50,17 +65,6 @@ CIFAR_ZIP = (
     Path(__file__).resolve().parents[2] / "shared/data/cifar10_test_jpeg/cifar10_test_jpeg.zip"
 )
 IMAGENET_TRAIN = 1_281_167
-
-
-def require_gpu() -> torch.device:
-    if not torch.cuda.is_available():
-        raise SystemExit(
-            "benchmarks/gpu_train.py needs a CUDA GPU and found none "
-            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a GPU "
-            "machine (driver >= 580 for this CUDA 13 build), e.g. a node of "
-            "launch/aws-gpu-spot.yaml or inside docker/Dockerfile.gpu with --gpus all."
-        )
-    return torch.device("cuda", 0)
 
 
 def default_shards(tmp: Path) -> Path:

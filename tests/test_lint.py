@@ -16,9 +16,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_ruff_clean() -> None:
-    r = _run("ruff", "check", "selfclust", "tests")
+    r = _run("ruff", "check", "selfclust", "tests", "benchmarks")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _run("ruff", "format", "--check", "selfclust", "tests")
+    r = _run("ruff", "format", "--check", "selfclust", "tests", "benchmarks")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
