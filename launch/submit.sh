@@ -14,11 +14,15 @@
 # Secrets: WANDB_API_KEY, when set, reaches the job only through its runtime environment
 # (env_vars). This script hands it to `ray job submit` through a pipe (--runtime-env /dev/fd/N):
 # it is not written to a file, not placed on any command line, not echoed. On the cluster,
-# Ray itself keeps the runtime env with the job (readable by anyone who reaches the dashboard:
-# `ray job list`; keep port 8265 private and use `ray dashboard CLUSTER.yaml`, an SSH tunnel)
-# and its runtime_env_agent.log on the nodes records it (Ray 2.60, INFO level). Where the key
-# must touch no disk at all, give it to the nodes' environment instead (KubeRay Secret, see
-# launch/kuberay-rayjob.yaml) and unset WANDB_API_KEY here.
+# Ray keeps the runtime env with the job in memory (readable by anyone who reaches the
+# dashboard: `ray job list`; keep port 8265 private and use `ray dashboard CLUSTER.yaml`, an
+# SSH tunnel). Ray 2.60's runtime env agent logs each runtime env at INFO; the cluster YAMLs
+# start Ray with RAY_LOGGER_LEVEL=warning, so no log file gets it (tested on a local cluster),
+# except one case: when the job's runtime env fails to set up on a node, the agent logs it with
+# the error in /tmp/ray/session_*/logs/runtime_env_agent.log on that node. Where the key must
+# touch no disk even then, give it to the nodes' environment instead (KubeRay Secret, see
+# launch/kuberay-rayjob.yaml) and unset WANDB_API_KEY here. A cluster started without
+# RAY_LOGGER_LEVEL=warning writes the key to that log on every submission.
 set -euo pipefail
 
 usage() {
