@@ -200,7 +200,9 @@ def test_cli_workers_option(capsys):
     assert f"{AUTO_MIN_SAMPLES:,} samples" in capsys.readouterr().out  # the help states the rule
 
 
-def test_run_probe_auto_on_a_small_set_is_one_process(digit_shards: Path):
+@pytest.fixture(scope="module")
+def checkpoint(digit_shards: Path) -> str:
+    """A real checkpoint dir of a run whose config asks for 2 trainer workers."""
     cfg = RunConfig.model_validate(
         {
             "data": {"train": str(digit_shards)},
@@ -220,12 +222,22 @@ def test_run_probe_auto_on_a_small_set_is_one_process(digit_shards: Path):
         cfg=cfg,
         wandb_id="probetest",
     )
-    ckpt = write_state(state)
-    r = run_probe(ckpt, None, None, ProbeConfig(epochs=2, views=1, knn_k=(20,)))
-    assert r["world_size"] == 1 and r["device"] == "cpu"
-    assert r["workers"] == {
+    return write_state(state)
+
+
+def test_run_probe_auto_is_one_process_and_two_spawned_ranks_agree(checkpoint: str):
+    cfg = ProbeConfig(epochs=2, views=1, knn_k=(20,))
+    one = run_probe(checkpoint, None, None, cfg)  # auto: 1,797 samples -> in this process
+    assert one["world_size"] == 1 and one["device"] == "cpu"
+    assert one["workers"] == {
         "requested": "auto",
         "ranks": 1,
         "rule": f"auto: 1,797 samples <= {AUTO_MIN_SAMPLES:,}, one process",
     }
-    assert r["num_train"] + r["num_eval"] == 1797 and r["linear"]["pool"]["top1"] > 0.3
+    assert one["num_train"] + one["num_eval"] == 1797 and one["linear"]["pool"]["top1"] > 0.3
+    two = run_probe(checkpoint, None, None, cfg, workers=2)  # spawned gloo ranks
+    assert two["world_size"] == 2 and two["workers"]["rule"] == "--workers 2"
+    assert two["split"] == one["split"] and two["num_eval"] == one["num_eval"] == 360
+    for stage, s in one["linear"].items():  # tolerances as in test_real_shards_two_ranks_equal_one
+        assert two["linear"][stage]["top1"] == pytest.approx(s["top1"], abs=1 / 360 + 1e-9)
+    assert two["knn"]["k20"]["top1"] == pytest.approx(one["knn"]["k20"]["top1"], abs=10 / 360)
