@@ -14,13 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-# The reference run. Long enough (8 epochs × 28 steps) that faults injected after steps 30
-# and 90 land mid-run; two heads so that the summary's best-head rule has a choice.
+# The reference run. Long enough (8 epochs × 28 steps) that faults injected around steps 52
+# and 90 land mid-run; two heads so that the summary's best-head rule has a choice. Label
+# updates at steps 52, 108 and 165, all mid-epoch (relabel_power 1.05; the quickstart's 1.0
+# would put all three on epoch ends), so a worker killed in the first pass cuts an epoch too.
 FAULT_RUN = [
     "model.widths=[8,16]",
     "method.heads=2",
     "method.relabels=4",
     "method.relabel_start=0.0",
+    "method.relabel_power=1.05",
     "optim.epochs=8",
     "optim.batch_size=64",
     "checkpoint.every_steps=25",
@@ -29,7 +32,8 @@ FAULT_RUN = [
     "trainer.max_failures=2",
     "wandb.mode=offline",
 ]
-STEPS = 8 * (1797 // 64)
+STEPS_PER_EPOCH = 1797 // 64
+STEPS = 8 * STEPS_PER_EPOCH
 TIMEOUT_S = 420
 
 
@@ -81,7 +85,9 @@ def records(run: Path) -> list[dict]:
     return out
 
 
-def wait_for(what: str, cond: Callable[[], bool], proc: subprocess.Popen, log: Path) -> None:
+def wait_for(
+    what: str, cond: Callable[[], bool], proc: subprocess.Popen, log: Path, poll: float = 0.05
+) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not cond():
         if proc.poll() is not None:
@@ -89,7 +95,7 @@ def wait_for(what: str, cond: Callable[[], bool], proc: subprocess.Popen, log: P
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"no {what} after {TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def reached(run: Path, step: int) -> Callable[[], bool]:

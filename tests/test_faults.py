@@ -1,7 +1,7 @@
-"""Real faults against real Ray runs: a worker killed by pid and later the driver killed and
-the command rerun (one run, interrupted twice), a checkpoint write killed half-way. Each
-interrupted run must finish with the same model (``model_digest``) as the uninterrupted one.
-Every wait is bounded.
+"""Real faults against real Ray runs: a worker killed by pid inside a mid-epoch label pass and
+later the driver killed and the command rerun (one run, interrupted twice), a checkpoint write
+killed half-way. Each interrupted run must finish with the same model (``model_digest``) as
+the uninterrupted one. Every wait is bounded.
 
 A simulated two-node cluster (``ray.cluster_utils.Cluster``) has its training node drained
 for preemption, then lost and replaced: the just-in-time checkpoint is taken on the notice and
@@ -23,6 +23,7 @@ import pytest
 from cli_runs import (
     FAULT_RUN,
     STEPS,
+    STEPS_PER_EPOCH,
     finish,
     reached,
     records,
@@ -58,24 +59,47 @@ def reference(reference_run: tuple[Path, dict]) -> dict:
     return reference_run[1]
 
 
+def label_pass(run: Path) -> dict | None:
+    """The first label update's ``label_pass_start`` record (not the initial k-means), if any."""
+    recs = records(run)
+    return next(
+        (r for r in recs if r.get("event") == "label_pass_start" and not r["initial"]), None
+    )
+
+
 @pytest.mark.slow
-def test_worker_then_driver_killed_resumes_exactly(
+def test_worker_killed_in_label_pass_then_driver_killed_resumes_exactly(
     shards: Path, reference: dict, tmp_path: Path
 ) -> None:
-    """One run interrupted twice: a Ray Train worker SIGKILLed mid-epoch (Ray restarts the
-    group from the latest checkpoint), later the driver with its whole Ray cluster (the same
-    command is rerun). It must end with the uninterrupted run's model and W&B run id."""
+    """One run interrupted twice: a Ray Train worker SIGKILLed inside a label pass that falls
+    mid-epoch (Ray restarts the group from the checkpoint before the pass, which is redone),
+    later the driver with its whole Ray cluster (the same command is rerun). It must end with
+    the uninterrupted run's model and W&B run id."""
     run, log = tmp_path / "run", tmp_path / "log.txt"
     cmd = train_cmd(shards, run)
     proc = start(cmd, log)
-    wait_for("step 30", reached(run, 30), proc, log)
+    wait_for("step 5", reached(run, 5), proc, log)
     workers = train_workers(proc.pid)
     assert len(workers) == 2, workers
+    # The pass over the digits takes a second or two: poll fast and kill as soon as it starts.
+    wait_for("a label pass", lambda: label_pass(run) is not None, proc, log, poll=0.01)
     os.kill(workers[1], signal.SIGKILL)
+    killed = time.time()
+    started = label_pass(run)
+    assert started is not None
+    at = started["step"]
+    print(f"worker killed {killed - started['time']:.3f} s into the label pass at step {at}")
+    assert 0 < at - started["epoch"] * STEPS_PER_EPOCH < STEPS_PER_EPOCH, started  # mid-epoch
 
     wait_for(
         "the restart", lambda: any(r.get("event") == "resumed" for r in records(run)), proc, log
     )
+    recs = records(run)
+    first = recs[: next(i for i, r in enumerate(recs) if r.get("event") == "resumed")]
+    # The kill landed inside the pass: the lost attempt never logged that update's result, and
+    # the restart went back to a checkpoint before it.
+    assert not [r for r in first if r.get("event") == "relabel" and r["step"] == at], first
+    assert recs[len(first)]["step"] < at
     wait_for("step 90", reached(run, 90), proc, log)
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray cluster and the workers at once
@@ -88,10 +112,15 @@ def test_worker_then_driver_killed_resumes_exactly(
     assert summary["steps"] == STEPS
     assert summary["model_digest"] == reference["model_digest"]
     assert json.loads((run / "run.json").read_text())["wandb_id"] == wandb_id
-    resumed = [r for r in records(run) if r.get("event") == "resumed"]
+    recs = records(run)
+    marks = [i for i, r in enumerate(recs) if r.get("event") == "resumed"]
+    resumed = [recs[i] for i in marks]
     # one restart by Ray (worker lost), one by the rerun command (driver lost), in order
     assert len(resumed) == 2, resumed
-    assert 0 < resumed[0]["step"] < resumed[1]["step"] < STEPS
+    assert 0 < resumed[0]["step"] < resumed[1]["step"] < STEPS and resumed[0]["step"] < at
+    # the group Ray restarted redid the interrupted pass, once
+    redone = [r for r in recs[marks[0] : marks[1]] if r.get("event") == "relabel"]
+    assert [r["step"] for r in redone].count(at) == 1, redone
     # the same W&B run continues (offline: one directory per segment with the same id: the
     # first worker group, the group Ray restarted, the rerun, the pictures logged after training)
     assert len(list(run.glob(f"wandb/offline-run-*-{wandb_id}"))) == 4
