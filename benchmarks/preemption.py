@@ -3,13 +3,16 @@
 Runs the real CLI (a local Ray cluster, 2 workers) on sklearn's digits and injects, in turn:
 
 - ``worker``: SIGKILL one Ray Train worker mid-epoch (no notice; Ray restarts the group);
+- ``pass``: the same, as the first label update's pass over the data starts (mid-epoch); the
+  restart also redoes that pass;
 - ``driver``: SIGKILL the driver with its local cluster, then rerun the same command;
 - ``notice``: a simulated two-node cluster whose training node is drained with reason
-  PREEMPTION (a spot reclaim notice, 6 s deadline) and then removed; a replacement node exists.
+  PREEMPTION (tests/test_faults.py's script) and removed once the just-in-time checkpoint is
+  registered; a replacement node exists. The fault time is the removal.
 
 "Training again" is the first training step logged after the restart; "steps repeated" is the
 last step logged before the fault minus the step the restart resumed from (``log_every=1``).
-Usage: ``python benchmarks/preemption.py [--every-steps 25]``.
+Usage: ``python benchmarks/preemption.py [--every-steps 25] [--faults worker pass driver notice]``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ def wait_step(run: Path, step: int, proc: subprocess.Popen) -> None:
         time.sleep(0.02)
 
 
+def wait_label_pass(run: Path, proc: subprocess.Popen) -> None:
+    """Until the first label update's pass starts (polled fast: the pass takes 1-3 s)."""
+    end = time.monotonic() + 600
+    while not any(r.get("event") == "label_pass_start" and not r["initial"] for r in records(run)):
+        if proc.poll() is not None or time.monotonic() > end:
+            raise SystemExit(f"run ended or stalled before a label pass; see {run}")
+        time.sleep(0.01)
+
+
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
     return subprocess.Popen(
@@ -80,6 +92,8 @@ def cost(run: Path, fault_time: float, before: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--every-steps", type=int, default=25, help="checkpoint.every_steps")
+    kinds = ["worker", "pass", "driver", "notice"]
+    ap.add_argument("--faults", nargs="+", choices=kinds, default=kinds, help="which to inject")
     args = ap.parse_args()
     # the fault tests' run, logging every step, with its own checkpoint interval
     overrides = [
@@ -95,38 +109,58 @@ def main() -> None:
     base = [sys.executable, "-m", "selfclust.cli", "train", "configs/quickstart.yaml"]
     rows = {}
 
-    run = tmp / "worker"
-    cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
-    proc = start(cmd, tmp / "worker.log")
-    wait_step(run, 60, proc)
-    os.kill(train_workers(proc.pid)[1], signal.SIGKILL)
-    t, before = time.time(), last_step(run)
-    proc.wait(600)
-    rows["worker SIGKILL, no notice"] = cost(run, t, before)
+    if "worker" in args.faults:
+        run = tmp / "worker"
+        cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
+        proc = start(cmd, tmp / "worker.log")
+        wait_step(run, 60, proc)
+        os.kill(train_workers(proc.pid)[1], signal.SIGKILL)
+        t, before = time.time(), last_step(run)
+        proc.wait(600)
+        rows["worker SIGKILL, no notice"] = cost(run, t, before)
 
-    run = tmp / "driver"
-    cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
-    proc = start(cmd, tmp / "driver.log")
-    wait_step(run, 60, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    t, before = time.time(), last_step(run)
-    proc.wait(60)
-    start(cmd, tmp / "driver2.log").wait(600)
-    rows["driver SIGKILL, command rerun"] = cost(run, t, before)
+    if "pass" in args.faults:
+        run = tmp / "pass"
+        cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
+        proc = start(cmd, tmp / "pass.log")
+        wait_step(run, 5, proc)
+        workers = train_workers(proc.pid)
+        wait_label_pass(run, proc)
+        os.kill(workers[1], signal.SIGKILL)
+        t, before = time.time(), last_step(run)
+        proc.wait(600)
+        rows["worker SIGKILL in a label pass"] = cost(run, t, before)
 
-    run = tmp / "notice"
-    script = tmp / "cluster.py"
-    script.write_text(CLUSTER_SCRIPT)
-    proc = start([sys.executable, str(script), str(shards), str(run), *overrides], tmp / "n.log")
-    proc.wait(900)
-    recs = records(run)
-    notice = next(r for r in recs if r.get("event") == "preemption_notice")
-    resumed = next(r for r in recs if r.get("event") == "resumed")
-    gone = notice["deadline_ms"] / 1000  # Ray stops the workers at the deadline
-    before = max(r["step"] for r in recs if "loss" in r and r["time"] < resumed["time"])
-    rows["spot notice (6 s), node replaced"] = cost(run, gone, before)
+    if "driver" in args.faults:
+        run = tmp / "driver"
+        cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
+        proc = start(cmd, tmp / "driver.log")
+        wait_step(run, 60, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        t, before = time.time(), last_step(run)
+        proc.wait(60)
+        start(cmd, tmp / "driver2.log").wait(600)
+        rows["driver SIGKILL, command rerun"] = cost(run, t, before)
 
+    if "notice" in args.faults:
+        run = tmp / "notice"
+        script = tmp / "cluster.py"
+        script.write_text(CLUSTER_SCRIPT)
+        proc = start(
+            [sys.executable, str(script), str(shards), str(run), *overrides], tmp / "n.log"
+        )
+        proc.wait(900)
+        recs = records(run)
+        notice = next(r for r in recs if r.get("event") == "preemption_notice")
+        resumed = next(r for r in recs if r.get("event") == "resumed")
+        gone = float((tmp / "n.log").read_text().split("REMOVED ", 1)[1].split()[0])
+        before = max(r["step"] for r in recs if "loss" in r and r["time"] < resumed["time"])
+        rows["spot notice, node replaced"] = cost(run, gone, before)
+        print(f"notice at step {notice['step']}, node removed {gone - notice['time']:.1f} s later")
+
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"checkpoint.every_steps={args.every_steps}; 2 CPU workers; digits, 28 steps/epoch")
+    print(f"load average at the end (1/5/15 min): {load} on {os.cpu_count()} cores")
     print(f"{'fault':34} {'resumed from':>12} {'s to training':>14} {'steps repeated':>15}")
     for name, r in rows.items():
         print(

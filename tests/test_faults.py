@@ -236,6 +236,7 @@ def registered():  # Ray's checkpoint manager holds one from the notice's step o
 # minutes away; a fixed one here would race the checkpoint on a loaded machine).
 wait("the just-in-time checkpoint", registered)
 cluster.remove_node(spot)
+print(f"REMOVED {time.time()}", flush=True)  # benchmarks/preemption.py times the fault from here
 wait("restart", lambda: events("resumed"))
 thread.join(300)
 print("RESULT " + json.dumps(out.get("summary")))
