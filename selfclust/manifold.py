@@ -57,6 +57,17 @@ def cluster_pool(
     return gmm.fit(z).predict(z).astype(np.int64)
 
 
+def match_ids(new: np.ndarray, old: np.ndarray, k: int) -> np.ndarray:
+    """``new`` labels renamed so that as many samples as possible keep their ``old`` id."""
+    from scipy.optimize import linear_sum_assignment
+
+    overlap = np.bincount(new * k + old, minlength=k * k).reshape(k, k)
+    rows, cols = linear_sum_assignment(overlap, maximize=True)
+    rename = np.empty(k, dtype=np.int64)
+    rename[rows] = cols
+    return rename[new]
+
+
 def vote(
     pool: torch.Tensor, pool_labels: torch.Tensor, x: torch.Tensor, k: int, neighbours: int = 10
 ) -> torch.Tensor:
@@ -87,6 +98,7 @@ def manifold_labels(
     dim: int = 10,
     restarts: int = 3,
     l2_normalize: bool = True,
+    align_to: torch.Tensor | None = None,
     group: Any = C.WORLD,
 ) -> torch.Tensor:
     """Labels ``[T, n_r]`` for this rank's rows (``features`` [n_r, D], global ``idx``): one
@@ -94,7 +106,11 @@ def manifold_labels(
     rank 0 and broadcast; rows outside the sample are labelled by k-NN vote.
 
     The result is the same on any number of ranks: the sample is chosen by global index and
-    sorted by it, and rank 0 sees the same pool either way.
+    sorted by it, and rank 0 sees the same pool either way. With ``align_to`` (the current
+    ``[T, N]`` label bank, the same on every rank) each head's new cluster ids are permuted to
+    match its old ones as well as possible (Hungarian matching on the pool): a mixture's
+    component ids are arbitrary, and a head that had to relearn permuted targets would lose
+    what it has learnt.
     """
     f = features.float()
     if l2_normalize:
@@ -105,8 +121,10 @@ def manifold_labels(
     if C.rank(group) == 0:
         x = np.ascontiguousarray(pool.numpy())
         for t in range(heads):
-            labels[t] = torch.from_numpy(cluster_pool(x, clusters, seed + t, neighbors, dim,
-                                                      restarts))  # fmt: skip
+            new = cluster_pool(x, clusters, seed + t, neighbors, dim, restarts)
+            if align_to is not None:
+                new = match_ids(new, align_to[t, pool_idx].numpy(), clusters)
+            labels[t] = torch.from_numpy(new)
     labels = C.broadcast(labels, 0, group)
     mine = in_pool[idx]
     where = torch.searchsorted(pool_idx, idx[mine])

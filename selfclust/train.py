@@ -300,6 +300,7 @@ class Trainer:
                 dim=m.manifold_dim,
                 restarts=m.manifold_restarts,
                 l2_normalize=not pixels,
+                align_to=None if initial else self.bank.labels,
             )
             record["event"] = f"init_{m.init}" if initial else "relabel"
             record["labeller"] = "manifold"

@@ -3,6 +3,7 @@ against brute force, and 2 gloo ranks give the labels of 1."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from selfclust.kmeans import kmeans
-from selfclust.manifold import cluster_pool, manifold_labels, vote
+from selfclust.manifold import cluster_pool, manifold_labels, match_ids, vote
 from selfclust.metrics import clustering_scores
 from tests.spawn import run_ranks
 
@@ -50,6 +51,16 @@ def test_vote_matches_brute_force() -> None:
     assert torch.equal(got, expect.argmax(1))
 
 
+def test_match_ids_undoes_a_permutation() -> None:
+    g = torch.Generator().manual_seed(1)
+    old = torch.randint(0, 7, (500,), generator=g).numpy()
+    perm = torch.randperm(7, generator=g).numpy()
+    noisy = perm[old].copy()
+    noisy[:40] = (noisy[:40] + 1) % 7  # 8 % of the samples moved: the ids still match
+    renamed = match_ids(noisy, old, 7)
+    assert (renamed == old).mean() == (noisy == perm[old]).mean()
+
+
 def test_too_few_samples_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="kmeans_samples"):
         cluster_pool(np.zeros((8, 3), np.float32), 10, seed=0)
@@ -70,3 +81,39 @@ def test_two_ranks_equal_one(tmp_path: Path, digits: tuple[np.ndarray, np.ndarra
     assert torch.equal(a, b)
     # 597 of 1797 rows are outside the pool and labelled by the vote: still a good partition.
     assert clustering_scores(y, a.numpy())["acc"] > 0.85
+
+
+def test_worker_loop_with_manifold_label_updates(tmp_path: Path) -> None:
+    """The real worker loop (one rank, in this process): the first labels and the last label
+    updates come from UMAP + GMM, the one between from Sinkhorn, and the run ends above
+    raw-pixel k-means on digits (ACC 0.792, best of 5; see docs/methods.md)."""
+    from spawn import train_rank
+
+    from selfclust.shards import write_shards
+
+    write_shards(DIGITS, tmp_path / "shards", shard_size=500)
+    over = [
+        "model.arch=small_resnet",
+        "model.widths=[16,32]",
+        "method.heads=1",
+        "method.clusters=10",
+        "method.init=manifold_pixels",
+        "method.kmeans_pixel_size=8",
+        "method.relabels=3",
+        "method.relabel_start=0.4",
+        "method.manifold_relabels=2",
+        "augment.hflip=0",
+        "augment.crop_scale=[0.5,1]",
+        "optim.epochs=6",
+        "optim.batch_size=64",
+        "checkpoint.every_steps=0",
+        "wandb.mode=disabled",
+    ]
+    out = train_rank(0, 1, str(tmp_path / "shards"), str(tmp_path), over, None)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    updates = [json.loads(x) for x in lines if '"labeller"' in x or "sinkhorn_iters" in x]
+    kinds = [u.get("labeller", "sinkhorn") for u in updates]
+    assert kinds[0] == kinds[-1] == "manifold" and "sinkhorn" in kinds[1:-1], kinds
+    assert updates[0]["event"] == "init_manifold_pixels"
+    assert updates[0]["pseudo_acc_head0"] > 0.85  # UMAP + GMM on 8x8 pixels: 0.88
+    assert out["summary"]["acc"] > 0.80, out["summary"]["acc"]  # measured 0.851
