@@ -170,7 +170,17 @@ def _init_ray(cfg: RunConfig) -> None:
     num_cpus = cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
     # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
     # address="local": always a new cluster of our own, never one another process left behind.
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+    except Exception as e:
+        # A half-started local node (e.g. the GCS timing out on an overloaded machine) keeps
+        # its processes, and the driver would wait on them: stop them, then fail clearly.
+        ray.shutdown()
+        raise RuntimeError(
+            f"could not start a local Ray cluster ({type(e).__name__}: {e}); the machine may be "
+            "overloaded or out of memory/disk under /tmp/ray: rerun the same command (the run "
+            "resumes), or join a running cluster with ray.address=auto"
+        ) from e
 
 
 def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
