@@ -9,10 +9,11 @@ with unequal sizes allowed (USPS's classes range from 7.6 % to 16.4 % of the set
 
 Distributed use, like :mod:`selfclust.kmeans`: every rank contributes its rows of a sample
 chosen by *global* index (bounded by ``samples``: UMAP and the mixture run on rank 0, on the
-CPU; about 10 s for 10k points on one core, after 15–30 s of numba compilation), rank 0 clusters the pool and broadcasts the pool's
-labels, and every rank labels its own rows: pool rows keep their cluster, the others take
-the similarity-weighted vote of their nearest pool rows (faiss, exact inner product on
-L2-normalised features). Only the pool (``samples × D``) and ``T × samples`` labels travel.
+CPU; about 10 s for 10k points on one core, after 15–30 s of numba compilation), rank 0
+clusters the pool and broadcasts the pool's labels, and every rank labels its own rows: pool
+rows keep their cluster, the others take the similarity-weighted vote of their nearest pool
+rows (faiss, exact inner product on L2-normalised features). Only the pool
+(``samples × D``) and ``T × samples`` labels travel.
 """
 
 from __future__ import annotations
