@@ -70,18 +70,24 @@ def vote(
     pool: torch.Tensor, pool_labels: torch.Tensor, x: torch.Tensor, k: int, neighbours: int = 10
 ) -> torch.Tensor:
     """Label of each row of ``x`` by the similarity-weighted vote of its ``neighbours`` nearest
-    ``pool`` rows (all L2-normalised: exact inner product, faiss on the CPU)."""
+    ``pool`` rows (all L2-normalised: exact inner product, faiss on the CPU). ``pool_labels``
+    is ``[P]`` or ``[T, P]`` (one vote per head on the same neighbours: one search)."""
+    heads = pool_labels.reshape(-1, len(pool))
     if len(x) == 0:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(pool_labels.shape[:-1] + (0,), dtype=torch.int64)
     faiss = _faiss()
     index = faiss.IndexFlatIP(pool.shape[1])
     index.add(np.ascontiguousarray(pool.float().cpu().numpy()))
     n = min(neighbours, len(pool))
     sim, nn = index.search(np.ascontiguousarray(x.float().cpu().numpy()), n)
-    votes = torch.zeros(len(x), k, dtype=torch.float64)
     weights = torch.from_numpy(sim).double().clamp_min(0) + 1e-6
-    votes.scatter_add_(1, pool_labels[torch.from_numpy(nn)], weights)
-    return votes.argmax(1)
+    neighbour = torch.from_numpy(nn)
+    out = torch.empty(len(heads), len(x), dtype=torch.int64)
+    for t, labels in enumerate(heads):
+        votes = torch.zeros(len(x), k, dtype=torch.float64)
+        votes.scatter_add_(1, labels[neighbour], weights)
+        out[t] = votes.argmax(1)
+    return out.reshape(pool_labels.shape[:-1] + (len(x),))
 
 
 def manifold_labels(
@@ -131,7 +137,6 @@ def manifold_labels(
     vote_pool = pool if l2_normalize else torch.nn.functional.normalize(pool, dim=1)
     if not l2_normalize:
         rest = torch.nn.functional.normalize(rest, dim=1)
-    for t in range(heads):
-        out[t, mine] = labels[t, where]
-        out[t, ~mine] = vote(vote_pool, labels[t], rest, clusters)
+    out[:, mine] = labels[:, where]
+    out[:, ~mine] = vote(vote_pool, labels, rest, clusters)
     return out

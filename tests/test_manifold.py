@@ -49,6 +49,9 @@ def test_vote_matches_brute_force() -> None:
         for s, j in zip(top.values[i], top.indices[i], strict=True):
             expect[i, labels[j]] += max(float(s), 0.0) + 1e-6
     assert torch.equal(got, expect.argmax(1))
+    two = torch.stack([labels, (labels + 1) % 5])  # [T, P]: one search, a vote per head
+    both = vote(pool, two, x, 5, neighbours=7)
+    assert torch.equal(both[0], got) and torch.equal(both[1], vote(pool, two[1], x, 5, 7))
 
 
 def test_match_ids_undoes_a_permutation() -> None:
