@@ -86,6 +86,9 @@ class MethodConfig(_Section):
     manifold_neighbors: int = Field(20, ge=2, description="UMAP n_neighbors")
     manifold_dim: int = Field(10, ge=1, description="UMAP output dimensions")
     manifold_restarts: int = Field(3, ge=1, description="Gaussian-mixture EM runs; best kept")
+    # Each UMAP embedding (seed) gives its own partition; with N > 1 candidates the one with the
+    # highest silhouette on the features is kept (N times the cost: ~10 s per 10k points).
+    manifold_candidates: int = Field(1, ge=1, description="UMAP + GMM partitions to choose from")
     # --- dec / depict / dgg (ignored by sela). Refreshes reuse relabels / relabel_power /
     # relabel_start, counted over the clustering phase (optim.epochs), after pretraining.
     pretrain_epochs: int = Field(

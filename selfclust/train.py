@@ -299,6 +299,7 @@ class Trainer:
                 neighbors=m.manifold_neighbors,
                 dim=m.manifold_dim,
                 restarts=m.manifold_restarts,
+                candidates=m.manifold_candidates,
                 l2_normalize=not pixels,
                 align_to=None if initial else self.bank.labels,
             )
