@@ -56,9 +56,8 @@ def cluster_pool(
         )
     logging.getLogger("numba").setLevel(logging.WARNING)
     import umap
-    from sklearn.mixture import GaussianMixture
-
     from sklearn.metrics import silhouette_score
+    from sklearn.mixture import GaussianMixture
 
     best: tuple[float, np.ndarray] | None = None
     for c in range(candidates):

@@ -36,7 +36,6 @@ def test_umap_gmm_beats_kmeans_on_digits(digits: tuple[np.ndarray, np.ndarray]) 
     assert np.array_equal(labels, cluster_pool(x, 10, seed=0, neighbors=15))  # deterministic
 
 
-
 def test_candidates_keep_the_best_cosine_silhouette(digits: tuple[np.ndarray, np.ndarray]) -> None:
     """With 3 candidates the kept partition is the candidate seeds' partition (seed, seed+7919,
     seed+2·7919) whose cosine silhouette, computed here by sklearn on all rows, is highest
@@ -49,6 +48,7 @@ def test_candidates_keep_the_best_cosine_silhouette(digits: tuple[np.ndarray, np
     assert len({round(s, 6) for s in scores}) == 3, scores  # the choice is not a tie
     kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3)
     assert np.array_equal(kept, each[int(np.argmax(scores))]), scores
+
 
 def test_vote_matches_brute_force() -> None:
     g = torch.Generator().manual_seed(0)
