@@ -86,9 +86,13 @@ class MethodConfig(_Section):
     manifold_neighbors: int = Field(20, ge=2, description="UMAP n_neighbors")
     manifold_dim: int = Field(10, ge=1, description="UMAP output dimensions")
     manifold_restarts: int = Field(3, ge=1, description="Gaussian-mixture EM runs; best kept")
-    # Each UMAP embedding (seed) gives its own partition; with N > 1 candidates the one with the
-    # highest silhouette on the features is kept (N times the cost: ~10 s per 10k points).
-    manifold_candidates: int = Field(1, ge=1, description="UMAP + GMM partitions to choose from")
+    # init=manifold_pixels: each UMAP embedding (seed) gives its own partition of the pixels;
+    # with N > 1 candidates the one with the highest cosine silhouette on the thumbnails is kept
+    # (N times the cost: ~12 s per 10k points). Only for the first labels: on features trained
+    # on labels, the silhouette favours those labels (see docs/methods.md).
+    manifold_init_candidates: int = Field(
+        1, ge=1, description="UMAP + GMM partitions of the pixels to choose the first labels from"
+    )
     # --- dec / depict / dgg (ignored by sela). Refreshes reuse relabels / relabel_power /
     # relabel_start, counted over the clustering phase (optim.epochs), after pretraining.
     pretrain_epochs: int = Field(
@@ -139,6 +143,12 @@ class MethodConfig(_Section):
                 f"manifold clustering (UMAP + a Gaussian mixture on rank 0) is for up to 1000 "
                 f"clusters, got method.clusters={self.clusters}: use Sinkhorn label updates "
                 "(method.manifold_relabels=0) and init=kmeans or random"
+            )
+        if self.manifold_init_candidates > 1 and self.init != "manifold_pixels":
+            raise ValueError(
+                f"method.manifold_init_candidates={self.manifold_init_candidates} chooses among "
+                f"partitions for init=manifold_pixels, but init={self.init}: set "
+                "method.init=manifold_pixels or drop manifold_init_candidates"
             )
         if manifold and self.name != "sela":
             raise ValueError(

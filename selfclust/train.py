@@ -299,7 +299,7 @@ class Trainer:
                 neighbors=m.manifold_neighbors,
                 dim=m.manifold_dim,
                 restarts=m.manifold_restarts,
-                candidates=m.manifold_candidates,
+                candidates=m.manifold_init_candidates if initial else 1,
                 l2_normalize=not pixels,
                 align_to=None if initial else self.bank.labels,
             )

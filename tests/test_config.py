@@ -99,6 +99,7 @@ def test_checkpoint_compatibility_tolerates_new_keys_with_defaults() -> None:
         (["method.name=depict", "method.heads=1", "method.conv_kernels=[4]"], ["conv_kernels"]),
         (["method.name=kmeans"], ["method.name"]),
         (["method.name=dgg", "method.heads=1", "method.sigma_rank=11"], ["sigma_rank"]),
+        (["method.manifold_init_candidates=4"], ["init=manifold_pixels", "init=random"]),
     ],
 )
 def test_method_configs_are_validated(overrides, words):
