@@ -42,12 +42,14 @@ def cluster_pool(
     of k full-covariance components, best of ``restarts`` EM runs by likelihood.
 
     With ``candidates`` > 1, that many UMAP embeddings (seeds ``seed``, ``seed + 7919``, ...)
-    are clustered and the partition with the highest cosine silhouette on ``x`` itself is
-    kept. The mixture's likelihood cannot choose between embeddings (each has its own space),
-    and within one it can prefer splitting a large class and merging two others: on USPS
-    pixels 6 of 12 seeds' partitions reach ACC 0.95-0.96, the other 6 split the 0s and merge
-    4/9 or 3/5 (ACC 0.80-0.81), and the cosine silhouette ranks every good one (0.206-0.208)
-    above every bad one (0.194-0.201); the Euclidean one on raw pixels does not."""
+    are clustered and the partition with the highest cosine silhouette on ``x - x.min()`` is
+    kept (shifted so that standardised pixels are intensities again, darkest 0). The mixture's
+    likelihood cannot choose between embeddings (each has its own space), and within one it
+    can prefer splitting a large class and merging two others: on USPS pixels 6 of 12 seeds'
+    partitions reach ACC 0.95-0.96, the other 6 split the 0s and merge 4/9 or 3/5 (ACC
+    0.80-0.81). The cosine silhouette of intensities ranks every good one (0.206-0.208) above
+    every bad one (0.194-0.201); the Euclidean one, and the cosine one of standardised
+    (centred) pixels, rank them the other way."""
     _check_not_in_loader_worker()
     if len(x) <= max(k, neighbors):
         raise ValueError(
@@ -60,6 +62,7 @@ def cluster_pool(
     from sklearn.mixture import GaussianMixture
 
     best: tuple[float, np.ndarray] | None = None
+    scored = x - x.min()  # standardised pixels → intensities (0 = darkest): see above
     for c in range(candidates):
         s = seed + 7919 * c
         z = umap.UMAP(
@@ -75,7 +78,7 @@ def cluster_pool(
             return labels
         # O(n²) distances: score at most 10,000 rows (a fixed subset, the same for all).
         score = silhouette_score(
-            x, labels, metric="cosine", sample_size=min(len(x), 10_000), random_state=seed
+            scored, labels, metric="cosine", sample_size=min(len(x), 10_000), random_state=seed
         )
         if len(np.unique(labels)) > 1 and (best is None or score > best[0]):
             best = (float(score), labels)
