@@ -93,8 +93,12 @@ class MethodConfig(_Section):
     manifold_init_candidates: int = Field(
         1, ge=1, description="UMAP + GMM partitions of the pixels to choose the first labels from"
     )
-    # --- dec / depict / dgg (ignored by sela). Refreshes reuse relabels / relabel_power /
-    # relabel_start, counted over the clustering phase (optim.epochs), after pretraining.
+    # --- dec / depict / dgg (ignored by sela). The first partition of the pretrained embedding:
+    # k-means as the papers do, or UMAP + a Gaussian mixture (manifold_* keys; N2D's
+    # observation that it finds curved clusters k-means cuts; a selfclust variant).
+    cluster_init: Literal["kmeans", "manifold"] = "kmeans"
+    # Refreshes reuse relabels / relabel_power / relabel_start, counted over the clustering
+    # phase (optim.epochs), after pretraining.
     pretrain_epochs: int = Field(
         50, ge=0, description="reconstruction-only epochs before clustering (Adam)"
     )
@@ -137,7 +141,16 @@ class MethodConfig(_Section):
                 f"method.manifold_relabels={self.manifold_relabels} exceeds method.relabels="
                 f"{self.relabels}: it counts the last label updates"
             )
-        manifold = self.manifold_relabels > 0 or self.init == "manifold_pixels"
+        if self.cluster_init == "manifold" and self.name == "sela":
+            raise ValueError(
+                "method.cluster_init partitions DEC/DEPICT/DGG's pretrained embedding; SeLa's "
+                "first labels come from method.init (e.g. init=manifold_pixels)"
+            )
+        manifold = (
+            self.manifold_relabels > 0
+            or self.init == "manifold_pixels"
+            or self.cluster_init == "manifold"
+        )
         if manifold and self.clusters > 1000:
             raise ValueError(
                 f"manifold clustering (UMAP + a Gaussian mixture on rank 0) is for up to 1000 "
@@ -150,7 +163,8 @@ class MethodConfig(_Section):
                 f"partitions for init=manifold_pixels, but init={self.init}: set "
                 "method.init=manifold_pixels or drop manifold_init_candidates"
             )
-        if manifold and self.name != "sela":
+        sela_manifold = self.manifold_relabels > 0 or self.init == "manifold_pixels"
+        if sela_manifold and self.name != "sela":
             raise ValueError(
                 "method.manifold_relabels and init=manifold_pixels are SeLa's (method.name=sela)"
             )

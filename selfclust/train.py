@@ -286,7 +286,7 @@ class Trainer:
         record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
         if self.runner is not None:
             local, extra = (self.runner.initialise if initial else self.runner.refresh)(emb)
-            record.update(event="init_kmeans" if initial else "relabel", **extra)
+            record.update(event=f"init_{m.cluster_init}" if initial else "relabel", **extra)
         elif (initial and m.init == "manifold_pixels") or (not initial and self._manifold_now()):
             local = manifold_labels(
                 emb.features,

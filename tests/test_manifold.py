@@ -134,3 +134,33 @@ def test_worker_loop_with_manifold_label_updates(tmp_path: Path) -> None:
     assert updates[0]["event"] == "init_manifold_pixels"
     assert updates[0]["pseudo_acc_head0"] > 0.85  # UMAP + GMM on 8x8 pixels: 0.88
     assert out["summary"]["acc"] > 0.80, out["summary"]["acc"]  # measured 0.851
+
+
+def test_dec_cluster_init_manifold(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """cluster_init=manifold for DEC/DEPICT/DGG: this rank's labels are manifold_labels' (the
+    pool's by UMAP + GMM, the rest by vote), the pool's labels are those rows' labels, and the
+    centroids DEC starts from are the clusters' means (a float64 numpy oracle)."""
+    from selfclust.config import load_config
+    from selfclust.kmeans import global_sample
+    from selfclust.labelling import Embedded
+    from selfclust.methods.nets import build_cluster_net
+    from selfclust.methods.runner import build_runner
+
+    x, y = torch.from_numpy(digits[0]), digits[1]
+    over = ["method.name=dec", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
+            "method.cluster_init=manifold", "method.manifold_neighbors=15",
+            "method.kmeans_samples=1200"]  # fmt: skip
+    cfg = load_config(None, over)
+    runner = build_runner(cfg, build_cluster_net(cfg, 1, 8), len(x))
+    emb = Embedded(features=x, idx=torch.arange(len(x)), cls=torch.from_numpy(y))
+    mu, pool, pool_labels, own = runner._partition(emb)
+    expect = manifold_labels(x, emb.idx, 1, 10, 1200, cfg.seed, len(x), neighbors=15,
+                             l2_normalize=False)[0]  # fmt: skip
+    assert torch.equal(own, expect)
+    assert torch.equal(pool_labels, own[global_sample(len(x), 1200, cfg.seed)[1]])
+    assert torch.equal(pool, x[global_sample(len(x), 1200, cfg.seed)[1]])
+    means = np.stack([digits[0][own.numpy() == k].astype(np.float64).mean(0) for k in range(10)])
+    np.testing.assert_allclose(mu.numpy(), means, rtol=1e-5, atol=1e-5)
+    assert clustering_scores(y, own.numpy())["acc"] > 0.85
+    runner.initialise(emb)  # DEC: Student-t centroids set to those means
+    assert torch.equal(runner.model.net.clustering.centroids.detach(), mu)

@@ -29,6 +29,7 @@ from selfclust import collectives as C
 from selfclust.config import RunConfig
 from selfclust.kmeans import assign, sample_pool
 from selfclust.labelling import Embedded
+from selfclust.manifold import manifold_labels
 from selfclust.methods import dec, depict, dgg, graph
 from selfclust.methods.autoencoder import denoising_loss
 from selfclust.methods.nets import ClusterNet, DECModel, DEPICTModel, DGGModel
@@ -90,17 +91,38 @@ class MethodRunner:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ label passes
-    def _kmeans(self, emb: Embedded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Best-of-restarts k-means on the embedding (global sample, any rank count):
-        centroids, the pool they were fitted on, and this rank's assignments."""
+    def _partition(
+        self, emb: Embedded
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first partition of the pretrained embedding (any rank count): centroids
+        ``[K, d]``, the global sample ``pool``, its labels, and this rank's labels.
+
+        ``cluster_init=kmeans`` (the papers'): best-of-restarts k-means, labels by nearest
+        centroid. ``cluster_init=manifold``: UMAP + a Gaussian mixture on the same sample
+        (:mod:`selfclust.manifold`; the other rows by k-NN vote), centroids the clusters' means
+        over every rank's rows (one all-reduce of K × d sums and K counts)."""
         m = self.m
         f = emb.features.float()
-        mu = dec.kmeans_centroids(
-            f, emb.idx, self.n, m.clusters, m.kmeans_restarts, m.kmeans_samples, self.cfg.seed,
-            m.kmeans_iters,
-        )  # fmt: skip
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, self.cfg.seed, C.WORLD)
-        return mu, pool, assign(f.cpu(), mu.cpu())
+        if m.cluster_init == "kmeans":
+            mu = dec.kmeans_centroids(
+                f, emb.idx, self.n, m.clusters, m.kmeans_restarts, m.kmeans_samples,
+                self.cfg.seed, m.kmeans_iters,
+            )  # fmt: skip
+            return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
+        own = manifold_labels(
+            f, emb.idx, 1, m.clusters, m.kmeans_samples, self.cfg.seed, self.n,
+            neighbors=m.manifold_neighbors, dim=m.manifold_dim, restarts=m.manifold_restarts,
+            l2_normalize=False,
+        )[0]  # fmt: skip
+        sums = torch.zeros(m.clusters, f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, own, f.cpu().double())
+        counts = torch.bincount(own, minlength=m.clusters).double()
+        sums, counts = C.all_reduce_sum(sums), C.all_reduce_sum(counts)
+        mu = (sums / counts.clamp_min(1)[:, None]).float().to(f.device)
+        pool_labels = sample_pool(own[:, None], emb.idx, self.n, m.kmeans_samples, self.cfg.seed,
+                                  C.WORLD)[:, 0].long()  # fmt: skip
+        return mu, pool, pool_labels, own
 
     def _snapshot(self) -> None:
         self.teacher.load_state_dict(self.model.state_dict())
@@ -169,7 +191,7 @@ class DECRunner(MethodRunner):
         return {"loss": kl, "kl": kl.detach()}
 
     def initialise(self, emb: Embedded) -> tuple[torch.Tensor, dict[str, Any]]:
-        mu, _, _ = self._kmeans(emb)
+        mu, _, _, _ = self._partition(emb)
         with torch.no_grad():
             self._net(self.model).clustering.centroids.copy_(mu)
         return self.refresh(emb)
@@ -250,9 +272,9 @@ class DEPICTRunner(MethodRunner):
         return p
 
     def initialise(self, emb: Embedded) -> tuple[torch.Tensor, dict[str, Any]]:
-        mu, pool, own = self._kmeans(emb)
-        ce = fit_head(self._net(self.model).head, pool, assign(pool.cpu(), mu.cpu()),
-                      self.m.head_fit_steps, centroids=mu)  # fmt: skip
+        mu, pool, pool_labels, own = self._partition(emb)
+        ce = fit_head(self._net(self.model).head, pool, pool_labels, self.m.head_fit_steps,
+                      centroids=mu)  # fmt: skip
         self._stats(emb)
         self.hard = True
         return own[None], {"head_fit_ce": ce}
@@ -320,10 +342,10 @@ class DGGRunner(MethodRunner):
     def initialise(self, emb: Embedded) -> tuple[torch.Tensor, dict[str, Any]]:
         m = self.m
         model = self._model(self.model)
-        mu, pool, own = self._kmeans(emb)
+        _, pool, pool_labels, own = self._partition(emb)
         z = emb.features.float()
         model.prior.load_statistics(dgg.gmm_statistics(z, F.one_hot(own, m.clusters).to(z)))
-        ce = fit_head(model.net.classifier, pool, assign(pool.cpu(), mu.cpu()), m.head_fit_steps)
+        ce = fit_head(model.net.classifier, pool, pool_labels, m.head_fit_steps)
         knn = graph.knn_graph(z, emb.idx, m.knn_k)
         w = graph.similarity_weights(knn.sq_distances, m.sigma_rank)
         # The table goes to every rank like the label bank: N × k, never N × K.
