@@ -91,6 +91,9 @@ def test_checkpoint_compatibility_tolerates_new_keys_with_defaults() -> None:
         check_compatible(old, changed, "old checkpoint")
 
 
+MANIFOLD = ["method.cluster_init=manifold"]
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
@@ -100,6 +103,8 @@ def test_checkpoint_compatibility_tolerates_new_keys_with_defaults() -> None:
         (["method.name=kmeans"], ["method.name"]),
         (["method.name=dgg", "method.heads=1", "method.sigma_rank=11"], ["sigma_rank"]),
         (["method.manifold_init_candidates=4"], ["init=manifold_pixels", "init=random"]),
+        (["method.cluster_init=manifold"], ["DEC/DEPICT/DGG", "method.init"]),
+        (["method.name=dec", "method.heads=1", "method.clusters=2000", *MANIFOLD], ["1000"]),
     ],
 )
 def test_method_configs_are_validated(overrides, words):
