@@ -136,10 +136,13 @@ def test_worker_loop_with_manifold_label_updates(tmp_path: Path) -> None:
     assert out["summary"]["acc"] > 0.80, out["summary"]["acc"]  # measured 0.851
 
 
-def test_dec_cluster_init_manifold(digits: tuple[np.ndarray, np.ndarray]) -> None:
+@pytest.mark.parametrize("method", ["dec", "depict", "dgg"])
+def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray]) -> None:
     """cluster_init=manifold for DEC/DEPICT/DGG: this rank's labels are manifold_labels' (the
     pool's by UMAP + GMM, the rest by vote), the pool's labels are those rows' labels, and the
-    centroids DEC starts from are the clusters' means (a float64 numpy oracle)."""
+    centroids are the clusters' means (a float64 numpy oracle). Each method's initialise
+    starts from them: DEC's centroids and DGG's GMM means are those means, DEPICT's first
+    targets are the partition itself."""
     from selfclust.config import load_config
     from selfclust.kmeans import global_sample
     from selfclust.labelling import Embedded
@@ -147,7 +150,7 @@ def test_dec_cluster_init_manifold(digits: tuple[np.ndarray, np.ndarray]) -> Non
     from selfclust.methods.runner import build_runner
 
     x, y = torch.from_numpy(digits[0]), digits[1]
-    over = ["method.name=dec", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
+    over = [f"method.name={method}", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
             "method.cluster_init=manifold", "method.manifold_neighbors=15",
             "method.kmeans_samples=1200"]  # fmt: skip
     cfg = load_config(None, over)
@@ -162,5 +165,11 @@ def test_dec_cluster_init_manifold(digits: tuple[np.ndarray, np.ndarray]) -> Non
     means = np.stack([digits[0][own.numpy() == k].astype(np.float64).mean(0) for k in range(10)])
     np.testing.assert_allclose(mu.numpy(), means, rtol=1e-5, atol=1e-5)
     assert clustering_scores(y, own.numpy())["acc"] > 0.85
-    runner.initialise(emb)  # DEC: Student-t centroids set to those means
-    assert torch.equal(runner.model.net.clustering.centroids.detach(), mu)
+    first, _ = runner.initialise(emb)
+    if method == "dec":  # Student-t centroids set to those means
+        assert torch.equal(runner.model.net.clustering.centroids.detach(), mu)
+    elif method == "depict":  # the partition is the first target
+        assert torch.equal(first[0], own)
+    else:  # DGG's GMM prior: the partition's means (its first labels are the classifier's)
+        prior_mean = runner._model(runner.model).prior.mean.detach().numpy()
+        np.testing.assert_allclose(prior_mean, means, rtol=1e-5, atol=1e-5)
