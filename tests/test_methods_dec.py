@@ -1,5 +1,6 @@
 """DEC: formulas against a float64 numpy transcription of the paper, the paper's gradients,
-2 gloo ranks against one process, and a short run on real digits that beats pixel k-means."""
+2 gloo ranks against one process. The short run that beats pixel k-means goes through the
+trainer: tests/test_train_methods.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfclust.kmeans import assign, kmeans
 from selfclust.methods import dec
 from selfclust.methods.autoencoder import MLPAutoencoder, denoising_loss, mlp
-from selfclust.metrics import cluster_accuracy
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 
@@ -152,45 +151,3 @@ def test_global_statistics_two_ranks_equal_one(tmp_path: Path) -> None:
     for r in results:
         log_p[r["idx"]] = r["log_p"]
     assert torch.allclose(log_p, single["log_p"], atol=1e-12)
-
-
-def test_short_run_on_digits_beats_pixel_kmeans() -> None:
-    """AE pretraining → k-means centroids → DEC with per-epoch target refresh and stop rule."""
-    d = np.load(DIGITS)
-    x = torch.from_numpy(d["x"].reshape(-1, 64).astype(np.float32) / 16)
-    y = d["y"]
-    pixel = min((kmeans(x, 10, seed=s) for s in range(5)), key=lambda r: r.objective)
-    pixel_acc = cluster_accuracy(y, assign(x, pixel.centroids).numpy())
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    ae = MLPAutoencoder(64, 10, hidden=(256, 256, 512))  # the paper's shape, narrower for CI
-    opt = torch.optim.Adam(ae.parameters(), 1e-3)
-    for _ in range(60):
-        for b in torch.randperm(len(x), generator=g).split(64):
-            loss, _ = denoising_loss(ae, x[b], dropout=0.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    idx = torch.arange(len(x))
-    with torch.no_grad():
-        mu = dec.kmeans_centroids(ae.encode(x), idx, len(x), 10, restarts=10, group=None)
-    layer = dec.ClusteringLayer(10, 10)
-    layer.centroids.data.copy_(mu)
-    sgd = torch.optim.SGD([*ae.encoder.parameters(), *layer.parameters()], lr=0.01, momentum=0.9)
-    stop, previous = dec.StopRule(0.001), None
-    for _ in range(30):
-        with torch.no_grad():
-            log_q = layer(ae.encode(x))
-        log_p = dec.target_log_p(log_q, dec.soft_frequencies(log_q.exp(), None))
-        current = log_q.argmax(1)
-        if previous is not None and stop.update(dec.assignment_change(previous, current, None)):
-            break
-        previous = current
-        for b in torch.randperm(len(x), generator=g).split(64):
-            loss = dec.kl_loss(log_p[b], layer(ae.encode(x[b])))
-            sgd.zero_grad()
-            loss.backward()
-            sgd.step()
-    with torch.no_grad():
-        acc = cluster_accuracy(y, layer(ae.encode(x)).argmax(1).numpy())
-    assert acc > pixel_acc + 0.01, (acc, pixel_acc)

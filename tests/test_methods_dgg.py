@@ -1,6 +1,7 @@
 """DGG: the VaDE-style ELBO against a numpy transcription and a Monte-Carlo estimate, the GMM
 M-step, the k-NN graph against sklearn, JS against scipy, the distributed statistics / graph /
-neighbour fetch on 2 gloo ranks against one process, and a short run on real digits."""
+neighbour fetch on 2 gloo ranks against one process. The short run that beats pixel k-means
+goes through the trainer: tests/test_train_methods.py."""
 
 from __future__ import annotations
 
@@ -174,56 +175,3 @@ def test_distributed_statistics_graph_and_fetch_two_ranks_equal_one(tmp_path: Pa
         assert (r["rows"][~r["found"]] == 0).all()
     assert torch.equal(neighbours, single["graph"].neighbours)
     assert torch.equal(single["found"], need < 1500)
-
-
-def test_short_run_on_digits_beats_pixel_kmeans() -> None:
-    """AE pretraining of f1/g → k-means on μ̃ → GMM from one-hot statistics, classifier fitted
-    to the k-means labels → ELBO + graph term (10-NN on μ̃, posteriors refreshed per epoch)."""
-    from selfclust.kmeans import assign, kmeans
-    from selfclust.metrics import cluster_accuracy
-
-    x, y = digits()
-    pixel = min((kmeans(x, 10, seed=s) for s in range(5)), key=lambda r: r.objective)
-    pixel_acc = cluster_accuracy(y, assign(x, pixel.centroids).numpy())
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    net = dgg.DGGNet(64, 10, 10, hidden=(256, 256, 512))  # the paper's shape, narrower for CI
-    prior = dgg.GaussianMixturePrior(10, 10)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(60):  # f1 (mean) and g pretrained as a plain autoencoder
-        for b in torch.randperm(len(x), generator=g).split(64):
-            loss = F.mse_loss(net.decoder(net.encode(x[b])[0]), x[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        mean = net.encode(x)[0]
-    km = min((kmeans(mean, 10, seed=s) for s in range(10)), key=lambda r: r.objective)
-    labels = assign(mean, km.centroids)
-    prior.load_statistics(dgg.gmm_statistics(mean, F.one_hot(labels, 10).float(), None))
-    head_opt = torch.optim.Adam(net.classifier.parameters(), 1e-2)
-    for _ in range(300):
-        loss = F.cross_entropy(net.classifier(mean), labels)
-        head_opt.zero_grad()
-        loss.backward()
-        head_opt.step()
-    idx = torch.arange(len(x))
-    knn = graph.knn_graph(mean, idx, 10, None)
-    weights = graph.similarity_weights(knn.sq_distances)
-    opt = torch.optim.Adam([*net.parameters(), *prior.parameters()], 1e-4)
-    for _ in range(20):
-        with torch.no_grad():
-            posterior = torch.softmax(net.classifier(net.encode(x)[0]), 1)
-        for b in torch.randperm(len(x), generator=g).split(64):
-            out = net(x[b])
-            log_gamma = F.log_softmax(out.posterior_logits, 1)
-            nb, found = graph.fetch_rows(knn.neighbours[b], idx, posterior, None)
-            w = weights[b] * found.view(len(b), 10)
-            elbo = dgg.neg_elbo(x[b], out, log_gamma, prior).mean() / 64  # per pixel
-            loss = elbo + graph.graph_loss(log_gamma.exp(), nb.view(len(b), 10, 10), w)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        acc = cluster_accuracy(y, net.classifier(net.encode(x)[0]).argmax(1).numpy())
-    assert acc > pixel_acc + 0.01, (acc, pixel_acc)

@@ -223,6 +223,8 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
         "method.name=depict",
         *SHORT,
         "method.pretrain_epochs=20",
+        "optim.epochs=5",
+        "method.relabels=5",
         "method.conv_channels=[16,32]",
         "optim.name=adam",
         "optim.lr=1e-4",
