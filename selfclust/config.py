@@ -146,11 +146,8 @@ class MethodConfig(_Section):
                 "method.cluster_init partitions DEC/DEPICT/DGG's pretrained embedding; SeLa's "
                 "first labels come from method.init (e.g. init=manifold_pixels)"
             )
-        manifold = (
-            self.manifold_relabels > 0
-            or self.init == "manifold_pixels"
-            or self.cluster_init == "manifold"
-        )
+        sela_manifold = self.manifold_relabels > 0 or self.init == "manifold_pixels"
+        manifold = sela_manifold or self.cluster_init == "manifold"
         if manifold and self.clusters > 1000:
             raise ValueError(
                 f"manifold clustering (UMAP + a Gaussian mixture on rank 0) is for up to 1000 "
@@ -163,7 +160,6 @@ class MethodConfig(_Section):
                 f"partitions for init=manifold_pixels, but init={self.init}: set "
                 "method.init=manifold_pixels or drop manifold_init_candidates"
             )
-        sela_manifold = self.manifold_relabels > 0 or self.init == "manifold_pixels"
         if sela_manifold and self.name != "sela":
             raise ValueError(
                 "method.manifold_relabels and init=manifold_pixels are SeLa's (method.name=sela)"

@@ -62,7 +62,8 @@ def cluster_pool(
     from sklearn.mixture import GaussianMixture
 
     best: tuple[float, np.ndarray] | None = None
-    scored = x - x.min()  # standardised pixels → intensities (0 = darkest): see above
+    # Standardised pixels → intensities (0 = darkest), see above; only to choose a candidate.
+    scored = x - x.min() if candidates > 1 else x
     for c in range(candidates):
         s = seed + 7919 * c
         z = umap.UMAP(
