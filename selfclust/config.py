@@ -125,6 +125,12 @@ class MethodConfig(_Section):
     conv_channels: list[int] = Field(default_factory=lambda: [50, 50], min_length=1)
     conv_kernels: list[int] = Field(default_factory=lambda: [4, 5], min_length=1)
     noise_dropout: float = Field(0.1, ge=0, lt=1, description="DEPICT: noisy-path dropout")
+    # DEPICT's target q ∝ (p / √Σp)^a: a = 1 is the paper's eq. 7, which does not sharpen and
+    # drifts to soft predictions; 2 (p² / Σp) is the authors' released code.
+    target_power: float = Field(2.0, gt=0, description="DEPICT: target exponent a")
+    recon_hidden_weight: float = Field(
+        0.1, ge=0, description="DEPICT: hidden layers' reconstruction weight (1 = eq. 9)"
+    )
     head_fit_steps: int = Field(
         500, ge=0, description="DEPICT/DGG: fit the softmax head to the k-means labels"
     )

@@ -1,5 +1,6 @@
-"""DEPICT: target and loss against a float64 numpy transcription of the paper (eqs. 7 and 9),
-the three pathways of the network, and the column sums on 2 gloo ranks against one process."""
+"""DEPICT: target and loss against float64 numpy transcriptions of the paper (eqs. 7 and 9) and
+of the authors' code (q ∝ p² / Σp, hidden layers' reconstruction × 0.1), the three pathways of
+the network, and the column sums on 2 gloo ranks against one process."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def np_target(p: np.ndarray) -> np.ndarray:
     return q
 
 
+def np_target_code(p: np.ndarray) -> np.ndarray:
+    """The authors' code: y = p² / (column sums of p), then each row normalised."""
+    q = p**2 / p.sum(0)
+    return (q.T / q.sum(1)).T
+
+
 def softmax(a: np.ndarray) -> np.ndarray:
     e = np.exp(a - a.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
@@ -37,13 +44,29 @@ def test_balanced_target_matches_eq_7() -> None:
     logits = torch.randn(23, 6, generator=g, dtype=torch.float64) * 3
     logits[:, 2] -= 20  # a cluster almost nobody prefers must not blow up
     p = torch.softmax(logits, 1)
-    q = D.balanced_target(p, D.column_sums(p, group=None))
+    q = D.balanced_target(p, D.column_sums(p, group=None), power=1.0)
     ref = np_target(p.numpy())
     assert np.allclose(q.numpy(), ref, rtol=1e-12, atol=1e-300)
     # balancing: the rare cluster's share grows, the common ones' shrink
     assert q[:, 2].sum() > p[:, 2].sum()
     with pytest.raises(ValueError, match="positive"):
         D.balanced_target(p, torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="power"):
+        D.balanced_target(p, D.column_sums(p, group=None), power=0.0)
+
+
+def test_default_target_is_the_authors_code() -> None:
+    """Power 2 (the default) equals p² / Σp row-normalised, and sharpens: every row's
+    largest entry is at least its eq. 7 value."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(31, 7, generator=g, dtype=torch.float64) * 2
+    logits[:, 4] -= 15
+    p = torch.softmax(logits, 1)
+    sums = D.column_sums(p, group=None)
+    q = D.balanced_target(p, sums)
+    assert np.allclose(q.numpy(), np_target_code(p.numpy()), rtol=1e-10, atol=1e-300)
+    eq7 = D.balanced_target(p, sums, power=1.0)
+    assert bool((q.max(1).values >= eq7.max(1).values - 1e-12).all())
 
 
 def random_output(b: int = 5, k: int = 4, seed: int = 1) -> D.DEPICTOutput:
@@ -57,20 +80,23 @@ def random_output(b: int = 5, k: int = 4, seed: int = 1) -> D.DEPICTOutput:
     return D.DEPICTOutput(r(b, k), r(b, k), clean, recon)
 
 
-def test_loss_matches_eq_9() -> None:
+@pytest.mark.parametrize("hidden_weight", [1.0, 0.1])
+def test_loss_matches_eq_9(hidden_weight: float) -> None:
+    """Eq. 9 as printed (every layer weight 1) and the authors' code (hidden layers × 0.1)."""
     out = random_output()
     p_clean = torch.softmax(out.clean_logits, 1)
     q = D.balanced_target(p_clean, D.column_sums(p_clean, None))
-    loss = D.depict_loss(out, q)
+    loss = D.depict_loss(out, q, hidden_weight)
     n = out.noisy_logits.shape[0]
     p_noisy = softmax(out.noisy_logits.numpy())
     qn = q.numpy()
     ce = -sum(qn[i, c] * np.log(p_noisy[i, c]) for i in range(n) for c in range(qn.shape[1])) / n
     rec = 0.0
     for i in range(n):
-        for z, zh in zip(out.clean[:-1], out.reconstructions, strict=True):
+        for layer, (z, zh) in enumerate(zip(out.clean[:-1], out.reconstructions, strict=True)):
             zi, zhi = z[i].numpy().ravel(), zh[i].numpy().ravel()
-            rec += np.sum((zi - zhi) ** 2) / zi.size  # ‖z_i^l − ẑ_i^l‖² / |z_i^l|
+            w = 1.0 if layer == 0 else hidden_weight
+            rec += w * np.sum((zi - zhi) ** 2) / zi.size  # ‖z_i^l − ẑ_i^l‖² / |z_i^l|
     rec /= n
     assert float(loss.clustering) == pytest.approx(ce, rel=1e-6)  # log-softmax in float32
     assert float(loss.reconstruction) == pytest.approx(rec, rel=1e-6)
@@ -87,6 +113,7 @@ def test_pathways_shapes_and_noise(size: int) -> None:
     for z, zh in zip(out.clean[:-1], out.reconstructions, strict=True):
         assert z.shape == zh.shape
     assert out.clean[0] is x or torch.equal(out.clean[0], x)  # z⁰ is the clean input
+    assert float(out.clean[-1].abs().max()) < 1  # the embedding is tanh
     assert torch.equal(out.clean_logits, net.clean_logits(x))  # clean path is deterministic
     assert not torch.allclose(out.noisy_logits, out.clean_logits)  # dropout on the noisy path
     net.ae.dropout = 0.0

@@ -241,7 +241,8 @@ class DEPICTRunner(MethodRunner):
         net = self._net(self.model)
         net.ae.dropout = self.m.pretrain_dropout
         out = net(x)
-        rec = depict.depict_loss(out, torch.zeros_like(out.noisy_logits)).reconstruction
+        zeros = torch.zeros_like(out.noisy_logits)
+        rec = depict.depict_loss(out, zeros, self.m.recon_hidden_weight).reconstruction
         return {"loss": rec, "reconstruction": rec.detach()}
 
     def cluster_loss(self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> Losses:
@@ -256,8 +257,9 @@ class DEPICTRunner(MethodRunner):
                     logits = self._net(self.teacher).clean_logits(x)
             else:
                 logits = out.clean_logits.detach()
-            target = depict.balanced_target(torch.softmax(logits.float(), 1), self.s.to(x.device))
-        loss = depict.depict_loss(out, target)
+            p = torch.softmax(logits.float(), 1)
+            target = depict.balanced_target(p, self.s.to(x.device), self.m.target_power)
+        loss = depict.depict_loss(out, target, self.m.recon_hidden_weight)
         return {
             "loss": loss.total,
             "reconstruction": loss.reconstruction.detach(),
