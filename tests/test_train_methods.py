@@ -199,8 +199,9 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
 
     What holds in a short run: its initialisation (k-means on the pretrained conv embedding,
     softmax fitted to it) beats pixel k-means, and the joint phase keeps every cluster and
-    stays near it. It does not improve on it here (see docs/methods.md), so the final ACC is
-    only required to stay within 0.03 of the init."""
+    does not lose accuracy (with eq. 7's unsharpened target it did; docs/methods.md). It is
+    the short run that beats pixel k-means: on sklearn's 8x8 digits the strided convs leave
+    2x2 maps and DEPICT stays below pixel k-means (0.73 against 0.79)."""
     import gzip
     import json
 
@@ -236,4 +237,6 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
     init = next(e for e in events if e["event"] == "init_kmeans")
     assert init["pseudo_acc_head0"] > pixel + 0.01, (init["pseudo_acc_head0"], pixel)
     assert all(e["cluster_size_min"] > 0 for e in events if "cluster_size_min" in e)
-    assert out[0]["summary"]["acc"] > init["pseudo_acc_head0"] - 0.03
+    acc = out[0]["summary"]["acc"]  # 0.5755 (init 0.573, pixels 0.5415) at 1a060ba
+    assert acc > pixel + 0.02, (acc, pixel)
+    assert acc >= init["pseudo_acc_head0"] - 0.005, (acc, init)
