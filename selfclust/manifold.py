@@ -154,23 +154,62 @@ def manifold_labels(
     if l2_normalize:
         f = torch.nn.functional.normalize(f, dim=1)
     pool = sample_pool(f, idx, num_samples, samples, seed, group)
-    in_pool, pool_idx = global_sample(num_samples, samples, seed)
+    pool_idx = global_sample(num_samples, samples, seed)[1]
+    old = None if align_to is None else align_to[:, pool_idx]
+    labels = pool_labels(pool, heads, clusters, seed, neighbors, dim, restarts, candidates, old,
+                         group)  # fmt: skip
+    return extend_labels(f, idx, pool, labels, num_samples, samples, seed, clusters,
+                         normalized=l2_normalize)  # fmt: skip
+
+
+def pool_labels(
+    pool: torch.Tensor,
+    heads: int,
+    clusters: int,
+    seed: int,
+    neighbors: int = 20,
+    dim: int = 10,
+    restarts: int = 3,
+    candidates: int = 1,
+    align_to: torch.Tensor | None = None,
+    group: Any = C.WORLD,
+) -> torch.Tensor:
+    """Labels ``[T, P]`` of the global sample ``pool`` (the same on every rank): one UMAP +
+    GMM partition per head (seeds seed..seed+T−1) on rank 0, broadcast. ``align_to``
+    ``[T, P]``: the pool's current labels, whose ids the new ones are matched to."""
     labels = torch.zeros(heads, len(pool), dtype=torch.int64)
     if C.rank(group) == 0:
-        x = np.ascontiguousarray(pool.numpy())
+        x = np.ascontiguousarray(pool.cpu().numpy())
         for t in range(heads):
             new = cluster_pool(x, clusters, seed + t, neighbors, dim, restarts, candidates)
             if align_to is not None:
-                new = match_ids(new, align_to[t, pool_idx].numpy(), clusters)
+                new = match_ids(new, align_to[t].numpy(), clusters)
             labels[t] = torch.from_numpy(new)
-    labels = C.broadcast(labels, 0, group)
+    return C.broadcast(labels, 0, group)
+
+
+def extend_labels(
+    features: torch.Tensor,
+    idx: torch.Tensor,
+    pool: torch.Tensor,
+    labels: torch.Tensor,
+    num_samples: int,
+    samples: int,
+    seed: int,
+    clusters: int,
+    normalized: bool = False,
+) -> torch.Tensor:
+    """This rank's labels ``[T, n_r]`` from the pool's ``[T, P]``: rows in the global sample
+    take theirs, the others a vote of their nearest pool rows by cosine similarity
+    (``normalized``: rows and pool are unit vectors already)."""
+    in_pool, pool_idx = global_sample(num_samples, samples, seed)
     mine = in_pool[idx]
     where = torch.searchsorted(pool_idx, idx[mine])
-    out = torch.empty(heads, len(idx), dtype=torch.int64)
-    rest = f[(~mine).to(f.device)]
-    vote_pool = pool if l2_normalize else torch.nn.functional.normalize(pool, dim=1)
-    if not l2_normalize:
+    out = torch.empty(labels.shape[0], len(idx), dtype=torch.int64)
+    rest = features[(~mine).to(features.device)]
+    if not normalized:
+        pool = torch.nn.functional.normalize(pool, dim=1)
         rest = torch.nn.functional.normalize(rest, dim=1)
     out[:, mine] = labels[:, where]
-    out[:, ~mine] = vote(vote_pool, labels, rest, clusters)
+    out[:, ~mine] = vote(pool, labels, rest, clusters)
     return out

@@ -159,6 +159,14 @@ def kmeans_centroids(
     rank scores them on the same pool, so all ranks pick the same one.
     """
     pool = sample_pool(embeddings.float(), idx, num_samples, samples, seed, group)
+    return best_centroids(pool, clusters, restarts, seed, niter, group)
+
+
+def best_centroids(
+    pool: torch.Tensor, clusters: int, restarts: int, seed: int, niter: int, group: Any = C.WORLD
+) -> torch.Tensor:
+    """The best of ``restarts`` k-means runs on ``pool`` (the same on every rank) by objective:
+    ``[K, d]``. Rank 0 runs faiss and broadcasts the runs; every rank scores them."""
     runs = distributed_centroids(pool, restarts, clusters, seed, niter, pool.device, group)
     scores = [objective(pool, runs[r]) for r in range(restarts)]
     return runs[min(range(restarts), key=scores.__getitem__)].clone()

@@ -29,7 +29,7 @@ from selfclust import collectives as C
 from selfclust.config import RunConfig
 from selfclust.kmeans import assign, sample_pool
 from selfclust.labelling import Embedded
-from selfclust.manifold import manifold_labels
+from selfclust.manifold import extend_labels, pool_labels
 from selfclust.methods import dec, depict, dgg, graph
 from selfclust.methods.autoencoder import denoising_loss
 from selfclust.methods.nets import ClusterNet, DECModel, DEPICTModel, DGGModel
@@ -105,24 +105,19 @@ class MethodRunner:
         f = emb.features.float()
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, self.cfg.seed, C.WORLD)
         if m.cluster_init == "kmeans":
-            mu = dec.kmeans_centroids(
-                f, emb.idx, self.n, m.clusters, m.kmeans_restarts, m.kmeans_samples,
-                self.cfg.seed, m.kmeans_iters,
-            )  # fmt: skip
+            mu = dec.best_centroids(pool, m.clusters, m.kmeans_restarts, self.cfg.seed,
+                                    m.kmeans_iters)  # fmt: skip
             return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
-        own = manifold_labels(
-            f, emb.idx, 1, m.clusters, m.kmeans_samples, self.cfg.seed, self.n,
-            neighbors=m.manifold_neighbors, dim=m.manifold_dim, restarts=m.manifold_restarts,
-            l2_normalize=False,
-        )[0]  # fmt: skip
+        labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
+                             m.manifold_dim, m.manifold_restarts)  # fmt: skip
+        own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, self.cfg.seed,
+                            m.clusters)[0]  # fmt: skip
         sums = torch.zeros(m.clusters, f.shape[1], dtype=torch.float64)
         sums.index_add_(0, own, f.cpu().double())
         counts = torch.bincount(own, minlength=m.clusters).double()
         sums, counts = C.all_reduce_sum(sums), C.all_reduce_sum(counts)
         mu = (sums / counts.clamp_min(1)[:, None]).float().to(f.device)
-        pool_labels = sample_pool(own[:, None], emb.idx, self.n, m.kmeans_samples, self.cfg.seed,
-                                  C.WORLD)[:, 0].long()  # fmt: skip
-        return mu, pool, pool_labels, own
+        return mu, pool, labels[0], own
 
     def _snapshot(self) -> None:
         self.teacher.load_state_dict(self.model.state_dict())
