@@ -15,7 +15,7 @@ the code, because the text's versions collapse here (docs/methods.md, "DEPICT"):
 * target q_ik ∝ (p_ik / (Σ_i' p_i'k)^½)^a with a = 2, i.e. p_ik² / Σ_i' p_i'k (``power``; 1 is
   eq. 7). Eq. 7 does not sharpen: the noisy path learns targets as soft as the clean path's
   predictions, the predictions lose confidence every refresh (the cross-entropy grows from
-  0.3 to 1.7 in 15 epochs on MNIST-test) and the partition drifts;
+  0.3 to 1.8 in 20 epochs on MNIST-test) and the partition drifts;
 * hidden layers' reconstruction terms weighted 0.1 against the input's (``hidden_weight``);
 * tanh on the embedding, leaky ReLU slope 0.01, dropout on the input and on every conv output
   but the last, none on the embedding (dropping one of 10 code units changes the prediction
