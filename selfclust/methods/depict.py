@@ -18,8 +18,7 @@ the code, because the text's versions collapse here (docs/methods.md, "DEPICT"):
   0.3 to 1.8 in 20 epochs on MNIST-test) and the partition drifts;
 * hidden layers' reconstruction terms weighted 0.1 against the input's (``hidden_weight``);
 * tanh on the embedding, leaky ReLU slope 0.01, dropout on the input and on every conv output
-  but the last, none on the embedding (dropping one of 10 code units changes the prediction
-  rather than corrupting it).
+  but the last, none on the embedding.
 
 Distributed: the column sums are the only global statistic (one all-reduce of a K-vector in
 float64); p and q stay on the rank that computed them. ``model(x)`` runs all pathways in one
