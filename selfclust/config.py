@@ -86,12 +86,13 @@ class MethodConfig(_Section):
     manifold_neighbors: int = Field(20, ge=2, description="UMAP n_neighbors")
     manifold_dim: int = Field(10, ge=1, description="UMAP output dimensions")
     manifold_restarts: int = Field(3, ge=1, description="Gaussian-mixture EM runs; best kept")
-    # init=manifold_pixels: each UMAP embedding (seed) gives its own partition of the pixels;
-    # with N > 1 candidates the one with the highest cosine silhouette on the thumbnails is kept
-    # (N times the cost: ~12 s per 10k points). Only for the first labels: on features trained
-    # on labels, the silhouette favours those labels (see docs/methods.md).
+    # init=manifold_pixels / cluster_init=manifold: each UMAP embedding (seed) gives its own
+    # partition of the pixels (of the pretrained embedding); with N > 1 candidates the one with
+    # the highest cosine silhouette is kept (N times the cost: ~12 s per 10k points). Only for
+    # the first labels: on features trained on labels, the silhouette favours those labels
+    # (see docs/methods.md).
     manifold_init_candidates: int = Field(
-        1, ge=1, description="UMAP + GMM partitions of the pixels to choose the first labels from"
+        1, ge=1, description="UMAP + GMM partitions to choose the first labels from"
     )
     # --- dec / depict / dgg (ignored by sela). The first partition of the pretrained embedding:
     # k-means as the papers do, or UMAP + a Gaussian mixture (manifold_* keys; N2D's
@@ -160,11 +161,13 @@ class MethodConfig(_Section):
                 f"clusters, got method.clusters={self.clusters}: use Sinkhorn label updates "
                 "(method.manifold_relabels=0) and init=kmeans or random"
             )
-        if self.manifold_init_candidates > 1 and self.init != "manifold_pixels":
+        first_manifold = self.init == "manifold_pixels" or self.cluster_init == "manifold"
+        if self.manifold_init_candidates > 1 and not first_manifold:
             raise ValueError(
                 f"method.manifold_init_candidates={self.manifold_init_candidates} chooses among "
-                f"partitions for init=manifold_pixels, but init={self.init}: set "
-                "method.init=manifold_pixels or drop manifold_init_candidates"
+                f"first partitions by UMAP + GMM, but init={self.init} and cluster_init="
+                f"{self.cluster_init}: set method.init=manifold_pixels (sela) or "
+                "method.cluster_init=manifold (dec/depict/dgg), or drop manifold_init_candidates"
             )
         if sela_manifold and self.name != "sela":
             raise ValueError(

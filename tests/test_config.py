@@ -103,6 +103,10 @@ MANIFOLD = ["method.cluster_init=manifold"]
         (["method.name=kmeans"], ["method.name"]),
         (["method.name=dgg", "method.heads=1", "method.sigma_rank=11"], ["sigma_rank"]),
         (["method.manifold_init_candidates=4"], ["init=manifold_pixels", "init=random"]),
+        (
+            ["method.name=dec", "method.heads=1", "method.manifold_init_candidates=4"],
+            ["cluster_init=kmeans", "method.cluster_init=manifold"],
+        ),
         (["method.cluster_init=manifold"], ["DEC/DEPICT/DGG", "method.init"]),
         (["method.name=dec", "method.heads=1", "method.clusters=2000", *MANIFOLD], ["1000"]),
     ],
