@@ -22,7 +22,7 @@ the code, because the text's versions collapse here (docs/methods.md, "DEPICT"):
 
 Distributed: the column sums are the only global statistic (one all-reduce of a K-vector in
 float64); p and q stay on the rank that computed them. ``model(x)`` runs all pathways in one
-call, so it goes through DDP once per step.
+call (one forward per step; gradients are all-reduced by the trainer).
 """
 
 from __future__ import annotations
