@@ -154,8 +154,7 @@ def manifold_labels(
     if l2_normalize:
         f = torch.nn.functional.normalize(f, dim=1)
     pool = sample_pool(f, idx, num_samples, samples, seed, group)
-    pool_idx = global_sample(num_samples, samples, seed)[1]
-    old = None if align_to is None else align_to[:, pool_idx]
+    old = None if align_to is None else align_to[:, global_sample(num_samples, samples, seed)[1]]
     labels = pool_labels(pool, heads, clusters, seed, neighbors, dim, restarts, candidates, old,
                          group)  # fmt: skip
     return extend_labels(f, idx, pool, labels, num_samples, samples, seed, clusters,
