@@ -107,8 +107,10 @@ class MethodConfig(_Section):
     pretrain_dropout: float = Field(
         0.2, ge=0, lt=1, description="pretraining input corruption (DEC) / noise (DEPICT)"
     )
-    pixels: Literal["unit", "standardized"] = Field(
-        "unit", description="network input: pixels in [0, 1], or standardised as SeLa's"
+    pixels: Literal["unit", "signed", "standardized"] = Field(
+        "unit",
+        description="network input: pixels in [0, 1], in [-1, 1] (DEPICT's decoder then ends "
+        "in tanh), or standardised as SeLa's",
     )
     target: Literal["snapshot", "current"] = Field(
         "snapshot",

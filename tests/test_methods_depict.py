@@ -160,3 +160,23 @@ def test_column_sums_two_ranks_equal_one(tmp_path: Path) -> None:
         assert torch.allclose(r["sums"], single["sums"], rtol=1e-12)
         q[r["idx"]] = r["q"]
     assert torch.allclose(q, single["q"], rtol=1e-12)
+
+
+def test_signed_pixels_and_bounded_decoder() -> None:
+    """method.pixels=signed: inputs in [-1, 1] (the authors' scaling), the decoder's last layer
+    tanh-bounded like them, and the label pass's standardised images map to the same inputs."""
+    from selfclust.augment import normalize
+    from selfclust.config import load_config
+    from selfclust.methods.nets import build_cluster_net
+
+    cfg = load_config(None, ["method.name=depict", "method.heads=1", "method.pixels=signed"])
+    net = build_cluster_net(cfg, 1, 28).eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    x = net.inputs(images)
+    assert torch.allclose(x, images.float() / 127.5 - 1, atol=1e-6)
+    assert float(x.min()) >= -1 and float(x.max()) <= 1
+    assert torch.allclose(net.backbone(normalize(images)), net.features(x), atol=1e-5)
+    out = net.net(x)
+    assert float(out.reconstructions[0].detach().abs().max()) < 1  # tanh on ẑ⁰
+    unit = build_cluster_net(load_config(None, ["method.name=depict", "method.heads=1"]), 1, 28)
+    assert not unit.net.ae.bounded_output  # [0, 1] and standardised pixels: a linear ẑ⁰

@@ -104,3 +104,21 @@ def test_bf16_autocast_path_trains(shards: str, tmp_path: Path) -> None:
 def run_rank_bf16(rank: int, world: int, shards: str, out: str) -> dict:
     OVERRIDES.append("trainer.precision=bf16")
     return run_rank(rank, world, shards, out, None)
+
+
+def test_loader_augment_path_trains(shards: str, tmp_path: Path) -> None:
+    """augment.where=loader: loader workers crop and jitter, the step only standardises; the
+    run trains like the device path."""
+    from spawn import run_ranks
+
+    out = run_ranks(run_rank_loader, 1, tmp_path, shards, str(tmp_path))
+    assert out[0]["summary"]["steps"] == 2 * (1797 // 64)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+    assert losses and all(isinstance(v, float) and v == v for v in losses)
+    assert sum(losses[-3:]) / 3 < math.log(10)
+
+
+def run_rank_loader(rank: int, world: int, shards: str, out: str) -> dict:
+    OVERRIDES.append("augment.where=loader")
+    return run_rank(rank, world, shards, out, None)

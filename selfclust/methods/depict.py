@@ -57,6 +57,7 @@ class ConvAutoencoder(nn.Module):
         kernels: Sequence[int] = (4, 5),
         embed_dim: int = 10,
         dropout: float = 0.1,
+        bounded_output: bool = False,
     ) -> None:
         super().__init__()
         if len(channels) != len(kernels) or not channels:
@@ -64,6 +65,7 @@ class ConvAutoencoder(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
+        self.bounded_output = bounded_output  # tanh on ẑ⁰, for inputs in [-1, 1]
         self.convs = nn.ModuleList()
         self.deconvs = nn.ModuleList()
         self.sizes: list[int] = [image_size]  # spatial size of z⁰, z¹, …
@@ -103,7 +105,8 @@ class ConvAutoencoder(nn.Module):
         return layers
 
     def decode(self, top: torch.Tensor) -> list[torch.Tensor]:
-        """Reconstructions ``[ẑ⁰, …, ẑᴸ⁻¹]`` from a code ``[B, embed_dim]``; ẑ⁰ is linear."""
+        """Reconstructions ``[ẑ⁰, …, ẑᴸ⁻¹]`` from a code ``[B, embed_dim]``; ẑ⁰ is linear, or
+        tanh with ``bounded_output`` (inputs in [-1, 1], as the authors scale them)."""
         h = self._g(self.unembed(top)).view(-1, *self.top_shape)
         out = [h]
         for i in reversed(range(len(self.deconvs))):
@@ -111,6 +114,8 @@ class ConvAutoencoder(nn.Module):
             h = self.deconvs[i](h, output_size=[size, size])
             if i > 0:
                 h = self._g(h)
+            elif self.bounded_output:
+                h = torch.tanh(h)
             out.append(h)
         return out[::-1]
 

@@ -45,7 +45,10 @@ class ClusterNet(nn.Module):
 
     def inputs(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """uint8 images → what the method trains and embeds on."""
-        return unit_pixels(images, size) if self.pixels == "unit" else normalize(images, size)
+        if self.pixels == "standardized":
+            return normalize(images, size)
+        x = unit_pixels(images, size)
+        return x.mul_(2.0).sub_(1.0) if self.pixels == "signed" else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # the embedding the label pass keeps
         raise NotImplementedError
@@ -63,8 +66,10 @@ class ClusterNet(nn.Module):
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """Features of *standardised* images (SelfLabelNet's input convention)."""
-        if self.pixels == "unit":
+        if self.pixels != "standardized":
             x = (x * _STD + _MEAN).clamp_(0.0, 1.0)
+            if self.pixels == "signed":
+                x = x.mul_(2.0).sub_(1.0)
         return self.features(x)
 
     def stage_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -101,7 +106,13 @@ class DEPICTModel(ClusterNet):
         m = cfg.method
         super().__init__(m.pixels, m.clusters)
         ae = ConvAutoencoder(
-            channels, size, m.conv_channels, m.conv_kernels, m.embed_dim, m.noise_dropout
+            channels,
+            size,
+            m.conv_channels,
+            m.conv_kernels,
+            m.embed_dim,
+            m.noise_dropout,
+            bounded_output=m.pixels == "signed",
         )
         self.net = DEPICTNet(ae, m.clusters)
 
