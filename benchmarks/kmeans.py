@@ -75,7 +75,7 @@ def defaults_table(x: torch.Tensor, args: argparse.Namespace) -> None:
     with threadpool_limits(args.threads):
         _, t_sk = timed(lambda: sk.fit(x.numpy()))
     sk_obj = objective(x, torch.from_numpy(sk.cluster_centers_))
-    print("as called by default (load average now %.2f)\n" % os.getloadavg()[0])
+    print(f"as called by default (load average now {os.getloadavg()[0]:.2f})\n")
     print("| call | start | Lloyd iterations | seconds | objective | ÷ sklearn objective |")
     print("|---|---|---|---|---|---|")
     print(
