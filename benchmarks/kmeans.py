@@ -16,8 +16,9 @@ shifted by up to 2 pixels to make N samples, projected to D dimensions by PCA fi
 originals: digit structure at the issue's size (no 100k-image set ships with the project).
 
 Fairness (table 2): every method starts from the same k random points and runs exactly
---iters Lloyd iterations (sklearn: ``init=<those points>, n_init=1, tol=0, algorithm="lloyd"``; faiss:
-``max_points_per_centroid=N`` so it does not subsample to k·256 points, ``init_centroids``);
+--iters Lloyd iterations (sklearn: ``init=<those points>, n_init=1, tol=0,
+algorithm="lloyd"``; faiss: ``max_points_per_centroid=N`` so it does not subsample to k·256
+points, ``init_centroids``);
 threads: faiss and sklearn/BLAS (threadpoolctl) and torch all get --threads. The objective
 Σ min_k ||x − c_k||² of each result is computed by the same function.
 """
