@@ -47,7 +47,10 @@ class ClusterNet(nn.Module):
         """uint8 images → what the method trains and embeds on."""
         if self.pixels == "standardized":
             return normalize(images, size)
-        x = unit_pixels(images, size)
+        return self._from_unit(unit_pixels(images, size))
+
+    def _from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] → this net's range ([-1, 1] for ``signed``), in place."""
         return x.mul_(2.0).sub_(1.0) if self.pixels == "signed" else x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # the embedding the label pass keeps
@@ -67,9 +70,7 @@ class ClusterNet(nn.Module):
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """Features of *standardised* images (SelfLabelNet's input convention)."""
         if self.pixels != "standardized":
-            x = (x * _STD + _MEAN).clamp_(0.0, 1.0)
-            if self.pixels == "signed":
-                x = x.mul_(2.0).sub_(1.0)
+            x = self._from_unit((x * _STD + _MEAN).clamp_(0.0, 1.0))
         return self.features(x)
 
     def stage_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
