@@ -87,13 +87,15 @@ class MethodConfig(_Section):
     manifold_dim: int = Field(10, ge=1, description="UMAP output dimensions")
     manifold_restarts: int = Field(3, ge=1, description="Gaussian-mixture EM runs; best kept")
     # init=manifold_pixels / cluster_init=manifold: each UMAP embedding (seed) gives its own
-    # partition of the pixels (of the pretrained embedding); with N > 1 candidates the one with
-    # the highest cosine silhouette is kept (N times the cost: ~12 s per 10k points). Only for
-    # the first labels: on features trained on labels, the silhouette favours those labels
-    # (see docs/methods.md).
+    # partition of the pixels (of the pretrained embedding); with N > 1 candidates one is kept
+    # (N times the cost: ~12 s per 10k points): by default the one that agrees best with the
+    # others (mean adjusted Rand index: 3 or more candidates), or the one with the highest
+    # cosine silhouette. Only for the first labels: on features trained on labels, the
+    # silhouette favours those labels (see docs/methods.md).
     manifold_init_candidates: int = Field(
         1, ge=1, description="UMAP + GMM partitions to choose the first labels from"
     )
+    manifold_init_select: Literal["consensus", "silhouette"] = "consensus"
     # --- dec / depict / dgg (ignored by sela). The first partition of the pretrained embedding:
     # k-means as the papers do, or UMAP + a Gaussian mixture (manifold_* keys; N2D's
     # observation that it finds curved clusters k-means cuts; a selfclust variant).
@@ -170,6 +172,12 @@ class MethodConfig(_Section):
                 f"first partitions by UMAP + GMM, but init={self.init} and cluster_init="
                 f"{self.cluster_init}: set method.init=manifold_pixels (sela) or "
                 "method.cluster_init=manifold (dec/depict/dgg), or drop manifold_init_candidates"
+            )
+        if self.manifold_init_select == "consensus" and self.manifold_init_candidates == 2:
+            raise ValueError(
+                "method.manifold_init_select=consensus keeps the candidate that agrees best "
+                "with the others, which needs 3 or more: set method.manifold_init_candidates "
+                ">= 3, or method.manifold_init_select=silhouette"
             )
         if sela_manifold and self.name != "sela":
             raise ValueError(

@@ -300,6 +300,7 @@ class Trainer:
                 dim=m.manifold_dim,
                 restarts=m.manifold_restarts,
                 candidates=m.manifold_init_candidates if initial else 1,
+                select=m.manifold_init_select,
                 l2_normalize=not pixels,
                 align_to=None if initial else self.bank.labels,
             )

@@ -108,6 +108,14 @@ MANIFOLD = ["method.cluster_init=manifold"]
             ["cluster_init=kmeans", "method.cluster_init=manifold"],
         ),
         (["method.cluster_init=manifold"], ["DEC/DEPICT/DGG", "method.init"]),
+        (
+            [
+                "method.init=manifold_pixels",
+                "method.clusters=10",
+                "method.manifold_init_candidates=2",
+            ],
+            ["3 or more", "manifold_init_select=silhouette"],
+        ),
         (["method.name=dec", "method.heads=1", "method.clusters=2000", *MANIFOLD], ["1000"]),
     ],
 )

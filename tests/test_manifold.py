@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from selfclust.kmeans import kmeans
-from selfclust.manifold import cluster_pool, manifold_labels, match_ids, vote
+from selfclust.manifold import cluster_pool, consensus_scores, manifold_labels, match_ids, vote
 from selfclust.metrics import clustering_scores
 from tests.spawn import run_ranks
 
@@ -36,18 +36,60 @@ def test_umap_gmm_beats_kmeans_on_digits(digits: tuple[np.ndarray, np.ndarray]) 
     assert np.array_equal(labels, cluster_pool(x, 10, seed=0, neighbors=15))  # deterministic
 
 
-def test_candidates_keep_the_best_cosine_silhouette(digits: tuple[np.ndarray, np.ndarray]) -> None:
-    """With 3 candidates the kept partition is the candidate seeds' partition (seed, seed+7919,
-    seed+2·7919) whose cosine silhouette, computed here by sklearn on all rows, is highest
-    (here the third: keeping the first would fail)."""
+@pytest.fixture(scope="module")
+def candidates(digits: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """900 digits and the partitions of cluster_pool's 3 candidate seeds (seed, seed+7919,
+    seed+2·7919), each computed alone."""
+    x = digits[0][:900]
+    return x, [cluster_pool(x, 10, seed=7919 * c, neighbors=15) for c in range(3)]
+
+
+def _ari(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index from its formula (Hubert & Arabie 1985), float64 pair counts."""
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    pairs = lambda v: (v * (v - 1) / 2).sum()  # noqa: E731
+    both, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), len(a)
+    expected = rows * cols / (total * (total - 1) / 2)
+    return float((both - expected) / ((rows + cols) / 2 - expected))
+
+
+def test_candidates_keep_the_best_cosine_silhouette(candidates) -> None:  # noqa: ANN001
+    """select=silhouette: the kept partition is the candidate whose cosine silhouette,
+    computed here by sklearn on all rows, is highest (here the third: keeping the first
+    would fail)."""
     from sklearn.metrics import silhouette_score
 
-    x = digits[0][:900]
-    each = [cluster_pool(x, 10, seed=7919 * c, neighbors=15) for c in range(3)]
+    x, each = candidates
     scores = [silhouette_score(x, p, metric="cosine") for p in each]
     assert len({round(s, 6) for s in scores}) == 3, scores  # the choice is not a tie
-    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3)
+    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3, select="silhouette")
     assert np.array_equal(kept, each[int(np.argmax(scores))]), scores
+
+
+def test_candidates_keep_the_consensus(candidates) -> None:  # noqa: ANN001
+    """select=consensus (the default): the kept partition is the candidate with the highest
+    mean adjusted Rand index to the other two, the index written out from its formula."""
+    x, each = candidates
+    mean = [np.mean([_ari(p, q) for j, q in enumerate(each) if j != i]) for i, p in enumerate(each)]
+    assert np.allclose(consensus_scores(each), mean, atol=1e-12), (consensus_scores(each), mean)
+    assert len({round(m, 9) for m in mean}) == 3, mean  # the choice is not a tie
+    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3)
+    assert np.array_equal(kept, each[int(np.argmax(mean))]), mean
+
+
+def test_consensus_keeps_the_majority_partition() -> None:
+    """Two partitions equal up to renamed ids and one that merges two of their classes and
+    splits a third: a member of the agreeing pair is kept; two candidates are refused."""
+    good = np.repeat(np.arange(5), 40)
+    renamed = (good + 2) % 5
+    bad = good.copy()
+    bad[bad == 1] = 0
+    bad[:20] = 1  # half of class 0 becomes its own cluster
+    scores = consensus_scores([bad, good, renamed])
+    assert scores[1] == scores[2] > scores[0], scores
+    with pytest.raises(ValueError, match="3 or more"):
+        cluster_pool(np.random.default_rng(0).random((60, 4), np.float32), 3, 0, 10, candidates=2)
 
 
 def test_vote_matches_brute_force() -> None:

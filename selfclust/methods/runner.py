@@ -109,8 +109,8 @@ class MethodRunner:
                                     m.kmeans_iters)  # fmt: skip
             return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
         labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
-                             m.manifold_dim, m.manifold_restarts,
-                             m.manifold_init_candidates)  # fmt: skip
+                             m.manifold_dim, m.manifold_restarts, m.manifold_init_candidates,
+                             select=m.manifold_init_select)  # fmt: skip
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, self.cfg.seed,
                             m.clusters)[0]  # fmt: skip
         sums = torch.zeros(m.clusters, f.shape[1], dtype=torch.float64)
