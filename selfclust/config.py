@@ -88,14 +88,14 @@ class MethodConfig(_Section):
     manifold_restarts: int = Field(3, ge=1, description="Gaussian-mixture EM runs; best kept")
     # init=manifold_pixels / cluster_init=manifold: each UMAP embedding (seed) gives its own
     # partition of the pixels (of the pretrained embedding); with N > 1 candidates one is kept
-    # (N times the cost: ~12 s per 10k points): by default the one that agrees best with the
-    # others (mean adjusted Rand index: 3 or more candidates), or the one with the highest
-    # cosine silhouette. Only for the first labels: on features trained on labels, the
-    # silhouette favours those labels (see docs/methods.md).
+    # (N times the cost: ~12 s per 10k points): by default the one with the highest cosine
+    # silhouette, or (select=consensus) the one that agrees best with the others (mean
+    # adjusted Rand index; 3 or more candidates). Only for the first labels: on features
+    # trained on labels, the silhouette favours those labels (see docs/methods.md).
     manifold_init_candidates: int = Field(
         1, ge=1, description="UMAP + GMM partitions to choose the first labels from"
     )
-    manifold_init_select: Literal["consensus", "silhouette"] = "consensus"
+    manifold_init_select: Literal["silhouette", "consensus"] = "silhouette"
     # --- dec / depict / dgg (ignored by sela). The first partition of the pretrained embedding:
     # k-means as the papers do, or UMAP + a Gaussian mixture (manifold_* keys; N2D's
     # observation that it finds curved clusters k-means cuts; a selfclust variant).

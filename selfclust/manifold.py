@@ -39,30 +39,30 @@ def cluster_pool(
     dim: int = 10,
     restarts: int = 3,
     candidates: int = 1,
-    select: Select = "consensus",
+    select: Select = "silhouette",
 ) -> np.ndarray:
     """Labels ``[n]`` of the rows of ``x`` ([n, D] float32): UMAP to ``dim`` dimensions with
     ``neighbors`` neighbours (seeded: deterministic, single-threaded), then a Gaussian mixture
     of k full-covariance components, best of ``restarts`` EM runs by likelihood.
 
     With ``candidates`` > 1, that many UMAP embeddings (seeds ``seed``, ``seed + 7919``, ...)
-    are clustered and one partition is kept. ``select="consensus"`` (the default) keeps the
+    are clustered and one partition is kept. ``select="silhouette"`` (the default) keeps the
+    partition with the highest cosine silhouette on ``x - x.min()`` (shifted so that
+    standardised pixels are intensities again, darkest 0). ``select="consensus"`` keeps the
     one that agrees best with the others: the highest mean adjusted Rand index to the other
-    candidates (sklearn), the medoid of the candidates. A bad partition merges and splits
-    classes in its own way, so it agrees less with the rest; the good ones agree with each
-    other (DGG's pretrained USPS embedding, seed 2: candidates at ACC 0.81 / 0.83 / 0.96 /
-    0.96 have mean ARI 0.86 / 0.88 / 0.91 / 0.91). It needs 3 or more candidates.
-    ``select="silhouette"`` keeps the partition with the highest cosine silhouette on
-    ``x - x.min()`` (shifted so that standardised pixels are intensities again, darkest 0).
+    candidates (sklearn), the medoid of the candidates; it needs 3 or more. Neither is always
+    right. On DGG's pretrained USPS embeddings (4 candidates), seed 2's were at ACC 0.81 /
+    0.83 / 0.96 / 0.96 with mean ARI 0.86 / 0.88 / 0.91 / 0.91: the consensus keeps a 0.96
+    one, the silhouette kept the 0.81 one (0.232 against 0.154-0.221). On seed 1 three
+    candidates shared one bad partition and the consensus kept it (a 0.76 start against the
+    silhouette's 0.89), as it does on USPS pixels, seed 2, where 5 of 8 are bad.
 
     The mixture's likelihood cannot choose between embeddings (each has its own space), and
     within one it can prefer splitting a large class and merging two others: on USPS pixels
     6 of 12 seeds' partitions reach ACC 0.95-0.96, the other 6 split the 0s and merge 4/9 or
     3/5 (ACC 0.80-0.81). The cosine silhouette of intensities ranks every good one
-    (0.206-0.208) above every bad one (0.194-0.201), and so does the consensus; the Euclidean
-    silhouette, and the cosine one of standardised (centred) pixels, rank them the other way.
-    On the DGG embedding above the silhouette ranked the 0.81 partition first (0.232 against
-    0.154-0.221)."""
+    (0.206-0.208) above every bad one (0.194-0.201); the Euclidean
+    silhouette, and the cosine one of standardised (centred) pixels, rank them the other way."""
     _check_not_in_loader_worker()
     if len(x) <= max(k, neighbors):
         raise ValueError(
@@ -175,7 +175,7 @@ def manifold_labels(
     l2_normalize: bool = True,
     align_to: torch.Tensor | None = None,
     group: Any = C.WORLD,
-    select: Select = "consensus",
+    select: Select = "silhouette",
 ) -> torch.Tensor:
     """Labels ``[T, n_r]`` for this rank's rows (``features`` [n_r, D], global ``idx``): one
     UMAP + GMM partition of the global sample per head (seeds seed..seed+T−1), computed on
@@ -210,7 +210,7 @@ def pool_labels(
     candidates: int = 1,
     align_to: torch.Tensor | None = None,
     group: Any = C.WORLD,
-    select: Select = "consensus",
+    select: Select = "silhouette",
 ) -> torch.Tensor:
     """Labels ``[T, P]`` of the global sample ``pool`` (the same on every rank): one UMAP +
     GMM partition per head (seeds seed..seed+T−1) on rank 0, broadcast. ``align_to``

@@ -113,6 +113,7 @@ MANIFOLD = ["method.cluster_init=manifold"]
                 "method.init=manifold_pixels",
                 "method.clusters=10",
                 "method.manifold_init_candidates=2",
+                "method.manifold_init_select=consensus",
             ],
             ["3 or more", "manifold_init_select=silhouette"],
         ),

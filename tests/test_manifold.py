@@ -55,7 +55,7 @@ def _ari(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_candidates_keep_the_best_cosine_silhouette(candidates) -> None:  # noqa: ANN001
-    """select=silhouette: the kept partition is the candidate whose cosine silhouette,
+    """select=silhouette (the default): the kept partition is the candidate whose cosine silhouette,
     computed here by sklearn on all rows, is highest (here the third: keeping the first
     would fail)."""
     from sklearn.metrics import silhouette_score
@@ -63,18 +63,18 @@ def test_candidates_keep_the_best_cosine_silhouette(candidates) -> None:  # noqa
     x, each = candidates
     scores = [silhouette_score(x, p, metric="cosine") for p in each]
     assert len({round(s, 6) for s in scores}) == 3, scores  # the choice is not a tie
-    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3, select="silhouette")
+    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3)
     assert np.array_equal(kept, each[int(np.argmax(scores))]), scores
 
 
 def test_candidates_keep_the_consensus(candidates) -> None:  # noqa: ANN001
-    """select=consensus (the default): the kept partition is the candidate with the highest
+    """select=consensus: the kept partition is the candidate with the highest
     mean adjusted Rand index to the other two, the index written out from its formula."""
     x, each = candidates
     mean = [np.mean([_ari(p, q) for j, q in enumerate(each) if j != i]) for i, p in enumerate(each)]
     assert np.allclose(consensus_scores(each), mean, atol=1e-12), (consensus_scores(each), mean)
     assert len({round(m, 9) for m in mean}) == 3, mean  # the choice is not a tie
-    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3)
+    kept = cluster_pool(x, 10, seed=0, neighbors=15, candidates=3, select="consensus")
     assert np.array_equal(kept, each[int(np.argmax(mean))]), mean
 
 
@@ -89,7 +89,8 @@ def test_consensus_keeps_the_majority_partition() -> None:
     scores = consensus_scores([bad, good, renamed])
     assert scores[1] == scores[2] > scores[0], scores
     with pytest.raises(ValueError, match="3 or more"):
-        cluster_pool(np.random.default_rng(0).random((60, 4), np.float32), 3, 0, 10, candidates=2)
+        x = np.random.default_rng(0).random((60, 4), np.float32)
+        cluster_pool(x, 3, 0, 10, candidates=2, select="consensus")
 
 
 def test_vote_matches_brute_force() -> None:
