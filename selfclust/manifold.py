@@ -28,7 +28,7 @@ import torch
 from selfclust import collectives as C
 from selfclust.kmeans import _check_not_in_loader_worker, _faiss, global_sample, sample_pool
 
-Select = Literal["consensus", "silhouette"]  # how cluster_pool picks among candidates
+Select = Literal["silhouette", "consensus"]  # how cluster_pool picks among candidates
 
 
 def cluster_pool(
@@ -61,8 +61,8 @@ def cluster_pool(
     within one it can prefer splitting a large class and merging two others: on USPS pixels
     6 of 12 seeds' partitions reach ACC 0.95-0.96, the other 6 split the 0s and merge 4/9 or
     3/5 (ACC 0.80-0.81). The cosine silhouette of intensities ranks every good one
-    (0.206-0.208) above every bad one (0.194-0.201); the Euclidean
-    silhouette, and the cosine one of standardised (centred) pixels, rank them the other way."""
+    (0.206-0.208) above every bad one (0.194-0.201); the Euclidean silhouette, and the cosine
+    one of standardised (centred) pixels, rank them the other way."""
     _check_not_in_loader_worker()
     if len(x) <= max(k, neighbors):
         raise ValueError(
