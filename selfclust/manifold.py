@@ -74,13 +74,11 @@ def cluster_pool(
     from sklearn.metrics import silhouette_score
     from sklearn.mixture import GaussianMixture
 
-    if candidates > 1 and select == "consensus" and candidates < 3:
+    if select == "consensus" and candidates == 2:
         raise ValueError(
             f"consensus selection needs 3 or more candidates, got {candidates}: the mean "
             "agreement of two partitions is the same for both"
         )
-    # Standardised pixels → intensities (0 = darkest), see above; only to choose a candidate.
-    scored = x - x.min() if candidates > 1 else x
     log = logging.getLogger(__name__)
     parts: list[np.ndarray] = []
     for c in range(candidates):
@@ -99,6 +97,7 @@ def cluster_pool(
     if select == "consensus":
         scores = consensus_scores(parts)
     else:  # O(n²) distances: score at most 10,000 rows (a fixed subset, the same for all).
+        scored = x - x.min()  # standardised pixels → intensities (0 = darkest), see above
         scores = np.array([
             silhouette_score(scored, p, metric="cosine", sample_size=min(len(x), 10_000),
                              random_state=seed) if len(np.unique(p)) > 1 else -np.inf

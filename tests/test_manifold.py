@@ -80,7 +80,8 @@ def test_candidates_keep_the_consensus(candidates) -> None:  # noqa: ANN001
 
 def test_consensus_keeps_the_majority_partition() -> None:
     """Two partitions equal up to renamed ids and one that merges two of their classes and
-    splits a third: a member of the agreeing pair is kept; two candidates are refused."""
+    splits the merged cluster: a member of the agreeing pair scores highest; two candidates
+    are refused."""
     good = np.repeat(np.arange(5), 40)
     renamed = (good + 2) % 5
     bad = good.copy()
@@ -88,8 +89,8 @@ def test_consensus_keeps_the_majority_partition() -> None:
     bad[:20] = 1  # half of class 0 becomes its own cluster
     scores = consensus_scores([bad, good, renamed])
     assert scores[1] == scores[2] > scores[0], scores
+    x = np.random.default_rng(0).random((60, 4), np.float32)
     with pytest.raises(ValueError, match="3 or more"):
-        x = np.random.default_rng(0).random((60, 4), np.float32)
         cluster_pool(x, 3, 0, 10, candidates=2, select="consensus")
 
 
