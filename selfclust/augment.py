@@ -14,29 +14,29 @@ Two places can apply them, with the same parameters:
   tensor arithmetic on the batch's device (GPU-friendly; needs equal-size inputs, e.g.
   ``data.image_size``).
 * **loader** (:class:`LoaderAugment`): each loader worker crops every sample from its full-size
-  decoded image (Pillow's antialiased resize of the crop box, which is what v2's
-  ``resized_crop`` runs on PIL images, without rounding the box; then v2 ``rotate`` and
-  ``horizontal_flip``; JPEGs are DCT-downscaled while decoding when the crop will shrink) and
-  colour-jitters it with v2's ``adjust_*`` / ``rgb_to_grayscale`` on the PIL image, handing
-  over uint8 images of the output size: the standard layout for large JPEG datasets.
+  decoded image with the device path's affine map (crop box, rotation and flip as one OpenCV
+  ``warpAffine``, bilinear, zeros outside the image as ``grid_sample`` pads; JPEGs are
+  DCT-downscaled while decoding when the crop will shrink, and a crop that still shrinks is
+  area-averaged first, so it does not alias) and colour-jitters it on uint8 (lookup tables and
+  OpenCV's weighted sums), handing over uint8 images of the output size: the standard layout
+  for large JPEG datasets. Per 224-px JPEG this is ~0.7 ms of work against ~1.6 ms for the
+  same steps through Pillow (``resize`` with a box, v2's ``adjust_*`` on PIL images).
 
 Both use torchvision's colour formulas (``adjust_brightness/contrast/saturation``,
-``rgb_to_grayscale``: the device path as float arithmetic on the batch, the loader path through
-Pillow on uint8, which rounds after each step) and sample the same fractional crop box, so
-without rotation they agree up to that rounding, resampling at the box borders and
-antialiasing when a crop shrinks. With ``rotation`` the loader path fills
-the rotated-in corners with black where the device path samples the surrounding image.
+``rgb_to_grayscale``: the device path as float arithmetic on the batch, the loader path on
+uint8, rounding after each step) and the same geometry, so they agree to about half a grey
+level on average (rotations included) when the crop does not shrink; when it does, the
+device path samples without antialiasing and the loader path area-averages.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from selfclust.config import AugmentConfig
 from selfclust.reader import IMAGE_ERRORS, image_field, open_image
@@ -193,24 +193,13 @@ class LoaderAugment:
             im = open_image(image_field(sample), self.channels, draft)
         except IMAGE_ERRORS:
             return None
+        cv2 = _cv2()
+        a = np.asarray(im)  # [H, W, 3] or [H, W] (mode L)
         out = []
         for row in p.tolist():
-            sx, sy, angle, tx, ty, flip = row[:6]
-            w, h = im.size
-            # The crop box in pixel edges, as the device path's sampling grid spans it; Pillow
-            # resizes from a fractional box (v2's resized_crop would round it to whole pixels).
-            left, right = max(0.0, (1 + tx - sx) * w / 2), min(w, (1 + tx + sx) * w / 2)
-            top, bottom = max(0.0, (1 + ty - sy) * h / 2), min(h, (1 + ty + sy) * h / 2)
-            box = (left, top, right, bottom)
-            v = im.resize((s, s), Image.Resampling.BILINEAR, box=box)
-            if angle:  # about the crop centre; corners are black (the device path fills
-                # them from around the crop), so rotation matches only approximately
-                v = TF.rotate(v, math.degrees(angle), TF.InterpolationMode.BILINEAR)
-            if flip < 0:
-                v = TF.horizontal_flip(v)
-            v = _colour_pil(v, row)
-            a = np.asarray(v)
-            out.append(a[:, :, None] if a.ndim == 2 else a)
+            v = _crop_cv(cv2, a, row, s)
+            v = _colour_cv(cv2, v, row)
+            out.append(v[:, :, None] if v.ndim == 2 else v)
         views = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
         return views, torch.from_numpy(p).float(), idx, cls
 
@@ -219,14 +208,70 @@ class LoaderAugment:
         return views[:, 0] if views.shape[1] == 1 else views.transpose(0, 1).contiguous()
 
 
-def _colour_pil(im: Image.Image, row: list[float]) -> Image.Image:
-    """:func:`colour` for one PIL image with torchvision v2's PIL kernels (Pillow's C code on
-    uint8, which rounds after each step: within a few grey levels of the float version)."""
+def _cv2() -> Any:
+    """OpenCV, single-threaded: it runs inside loader workers, one image at a time, and its
+    own thread pool would only compete with the other workers."""
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+        cv2.ocl.setUseOpenCL(False)
+    return cv2
+
+
+def _crop_cv(cv2: Any, a: np.ndarray, row: list[float], s: int) -> np.ndarray:
+    """One view's crop, rotation and flip of ``a`` ([H, W, C] or [H, W] uint8) → [s, s(, C)]:
+    the device path's affine grid (:func:`augment`) as one ``cv2.warpAffine``, bilinear, zeros
+    outside the image as ``grid_sample``'s padding. A crop that still shrinks after the JPEG
+    draft (by more than 10 %) is first area-averaged (``cv2.INTER_AREA``) to about the output
+    scale, so that bilinear sampling does not alias (what Pillow's antialiased resize did)."""
+    sx, sy, angle, tx, ty, flip = row[:6]
+    h, w = a.shape[:2]
+    shrink = min(1.0, s / (sx * w), s / (sy * h))  # output px per source px, ≤ 1
+    if shrink < 0.9:
+        size = (max(1, round(w * shrink)), max(1, round(h * shrink)))
+        a = cv2.resize(a, size, interpolation=cv2.INTER_AREA)
+        h, w = a.shape[:2]
+    cos, sin = math.cos(angle), math.sin(angle)
+    # Output pixel j has grid coordinate u = (2j + 1)/s − 1; the device theta maps (u, v) to
+    # input coordinates x = sx cos f u − sy sin v + tx, y = sx sin f u + sy cos v + ty, and
+    # x ∈ [−1, 1] is pixel (x + 1) w/2 − 1/2 (align_corners=False). Composed: src = M @ [j, i, 1].
+    lin = np.array([[sx * cos * flip, -sy * sin], [sx * sin * flip, sy * cos]])
+    half = np.array([w / 2.0, h / 2.0])
+    m = np.empty((2, 3))
+    m[:, :2] = half[:, None] * lin * (2.0 / s)
+    m[:, 2] = half * (lin @ np.full(2, 1.0 / s - 1.0) + (tx, ty) + 1.0) - 0.5
+    return cv2.warpAffine(
+        a,
+        m,
+        (s, s),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+
+
+_RAMP = np.arange(256, dtype=np.float64)
+
+
+def _lut(gain: float, offset: float) -> np.ndarray:
+    """uint8 table of clamp(round(gain · v + offset)) for v = 0..255."""
+    return np.clip(np.rint(_RAMP * gain + offset), 0, 255).astype(np.uint8)
+
+
+def _colour_cv(cv2: Any, a: np.ndarray, row: list[float]) -> np.ndarray:
+    """:func:`colour` for one uint8 image ([s, s, 3] RGB or [s, s]) with OpenCV: brightness
+    and contrast as lookup tables, saturation as a weighted sum with the luma, grayscale as
+    the luma; each step rounds to uint8 (within a grey level or two of the float version)."""
+    rgb = a.ndim == 3
     if row[6] > 0:
-        im = TF.adjust_brightness(im, row[7])
-        im = TF.adjust_contrast(im, row[8])
-        if im.mode == "RGB":
-            im = TF.adjust_saturation(im, row[9])
-    if row[10] > 0 and im.mode == "RGB":
-        im = TF.rgb_to_grayscale(im, num_output_channels=3)
-    return im
+        a = cv2.LUT(a, _lut(row[7], 0.0))  # brightness: blend with black
+        grey = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY) if rgb else a
+        c = row[8]  # contrast: blend with the mean of the grayscale image
+        a = cv2.LUT(a, _lut(c, (1.0 - c) * cv2.mean(grey)[0]))
+        if rgb:  # saturation: blend with the grayscale image
+            grey3 = cv2.cvtColor(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+            a = cv2.addWeighted(a, row[9], grey3, 1.0 - row[9], 0.0)
+    if row[10] > 0 and rgb:
+        a = cv2.cvtColor(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return a

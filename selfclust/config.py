@@ -212,7 +212,7 @@ class AugmentConfig(_Section):
     grayscale: float = Field(0.2, ge=0, le=1)
     jitter_p: float = Field(0.8, ge=0, le=1)
     # device: batched on the training device after loading (GPU-friendly, needs equal-size
-    # images); loader: per sample in DataLoader workers with torchvision v2 (large JPEGs).
+    # images); loader: per sample in DataLoader workers with OpenCV (large JPEGs).
     where: Literal["device", "loader"] = "device"
 
     @model_validator(mode="after")
