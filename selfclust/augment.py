@@ -4,8 +4,8 @@ A resumed run therefore sees the same crops as an uninterrupted one without savi
 and the result does not depend on which rank or loader worker read the sample. Parameters are
 drawn per sample on the host (numpy ``default_rng((seed, epoch, idx, view))``): a
 RandomResizedCrop box (area scale, log-uniform aspect ratio), an optional rotation, a
-horizontal flip, colour jitter (brightness, contrast, saturation, applied in that fixed order)
-and random grayscale, as in SeLa's ImageNet pipeline.
+horizontal flip, colour jitter (brightness, contrast, saturation, applied in that fixed order;
+no hue) and random grayscale: the augmentation families of SeLa's ImageNet pipeline.
 
 Two places can apply them, with the same parameters:
 

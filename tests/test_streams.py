@@ -268,19 +268,28 @@ def test_worker_with_only_unreadable_shards_fails_instead_of_looping(clean, tmp_
         list(train_batches(ShardSet.open(empty), 0, 1, B, 0, 0))
 
 
-def _count_rank(rank: int, world: int, spec: str) -> list[int]:
-    """The trainer's label-pass check: all-reduce (seen, skipped) over gloo ranks."""
-    from selfclust import collectives as C
+def _embed_rank(rank: int, world: int, spec: str, claimed: int) -> list[int] | str:
+    """The trainer's label pass (``labelling.embed``) on gloo ranks, told the set holds
+    ``claimed`` samples: (rows read here, skipped over all ranks), or the error it raised."""
+    from selfclust.labelling import embed
 
     it = eval_batches(ShardSet.open(spec), rank, world, 64)
-    seen = sum(len(i) for _, i, _ in it)
-    total = C.all_reduce_sum(torch.tensor([seen, it.stats.skipped], dtype=torch.int64))
-    return total.tolist()
+    try:
+        e = embed(lambda x: x.flatten(1).mean(1, keepdim=True), it, torch.device("cpu"), None,
+                  claimed)  # fmt: skip
+    except RuntimeError as err:
+        return str(err)
+    return [len(e.idx), e.skipped]
 
 
 def test_label_pass_count_all_reduced_over_ranks(corrupt: Path, tmp_path: Path) -> None:
-    counts = run_ranks(_count_rank, 2, tmp_path / "ranks", str(corrupt))
-    assert counts == [[N - len(BAD), len(BAD)]] * 2
+    """Seen + skipped is summed over the ranks and must equal N; when it does not (the
+    manifest claims 5 more), every rank raises the same error instead of one hanging."""
+    counts = run_ranks(_embed_rank, 2, tmp_path / "ok", str(corrupt), N)
+    assert sum(c[0] for c in counts) == N - len(BAD) and all(c[1] == len(BAD) for c in counts)
+    errors = run_ranks(_embed_rank, 2, tmp_path / "bad", str(corrupt), N + 5)
+    want = f"label pass saw {N - len(BAD)} samples (and skipped {len(BAD)} bad ones)"
+    assert all(isinstance(e, str) and want in e and f"says {N + 5}" in e for e in errors)
 
 
 def test_training_survives_corrupt_images_and_reports_them(corrupt: Path, tmp_path: Path) -> None:
