@@ -229,6 +229,30 @@ def test_verify_detects_corruption(tmp_path: Path, digits_npz: Path) -> None:
         verify_shards(out)
 
 
+def test_verify_detects_wrong_indices(tmp_path: Path, digits_npz: Path) -> None:
+    """A shard rewritten with one sample's idx changed, its manifest checksum updated to
+    match: only the index check can see it, and it names the shard and the sample."""
+    import tarfile
+
+    out = tmp_path / "shards"
+    write_shards(digits_npz, out, shard_size=500)
+    shard = out / "shard-000001.tar"
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(shard, "w") as t:
+        for m, data in members:
+            if m.name == "000000600.idx":
+                data = b"601"  # sample 600 now claims idx 601 (its key still says 600)
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    want = r"shard-000001.tar.*'000000600' has idx 601, expected 600"
+    with pytest.raises(ValueError, match=want):
+        verify_shards(out)
+
+
 def bad_source(tmp_path: Path, kind: str) -> Path:
     x, y = digits()
     p = tmp_path / "src.npz"
