@@ -109,10 +109,14 @@ def main() -> None:
     base = [sys.executable, "-m", "selfclust.cli", "train", "configs/quickstart.yaml"]
     rows = {}
 
-    if "worker" in args.faults:
-        run = tmp / "worker"
+    def launch(name: str) -> tuple[Path, list[str], subprocess.Popen]:
+        """The fault run ``name``: its run dir, its command, and the started process."""
+        run = tmp / name
         cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
-        proc = start(cmd, tmp / "worker.log")
+        return run, cmd, start(cmd, tmp / f"{name}.log")
+
+    if "worker" in args.faults:
+        run, _, proc = launch("worker")
         wait_step(run, 60, proc)
         os.kill(train_workers(proc.pid)[1], signal.SIGKILL)
         t, before = time.time(), last_step(run)
@@ -120,9 +124,7 @@ def main() -> None:
         rows["worker SIGKILL, no notice"] = cost(run, t, before)
 
     if "pass" in args.faults:
-        run = tmp / "pass"
-        cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
-        proc = start(cmd, tmp / "pass.log")
+        run, _, proc = launch("pass")
         wait_step(run, 5, proc)
         workers = train_workers(proc.pid)
         wait_label_pass(run, proc)
@@ -132,9 +134,7 @@ def main() -> None:
         rows["worker SIGKILL in a label pass"] = cost(run, t, before)
 
     if "driver" in args.faults:
-        run = tmp / "driver"
-        cmd = [*base, "--run-dir", str(run), f"data.train={shards}", *overrides]
-        proc = start(cmd, tmp / "driver.log")
+        run, cmd, proc = launch("driver")
         wait_step(run, 60, proc)
         os.killpg(proc.pid, signal.SIGKILL)
         t, before = time.time(), last_step(run)

@@ -26,10 +26,12 @@ OVERRIDES = [
 ]
 
 
-def run_rank(rank: int, world: int, shards: str, out: str, resume_from: str | None) -> dict:
+def run_rank(
+    rank: int, world: int, shards: str, out: str, resume_from: str | None, *extra: str
+) -> dict:
     from spawn import train_rank
 
-    return train_rank(rank, world, shards, out, OVERRIDES, resume_from)
+    return train_rank(rank, world, shards, out, [*OVERRIDES, *extra], resume_from)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +104,7 @@ def test_bf16_autocast_path_trains(shards: str, tmp_path: Path) -> None:
 
 
 def run_rank_bf16(rank: int, world: int, shards: str, out: str) -> dict:
-    OVERRIDES.append("trainer.precision=bf16")
-    return run_rank(rank, world, shards, out, None)
+    return run_rank(rank, world, shards, out, None, "trainer.precision=bf16")
 
 
 def test_loader_augment_path_trains(shards: str, tmp_path: Path) -> None:
@@ -120,5 +121,4 @@ def test_loader_augment_path_trains(shards: str, tmp_path: Path) -> None:
 
 
 def run_rank_loader(rank: int, world: int, shards: str, out: str) -> dict:
-    OVERRIDES.append("augment.where=loader")
-    return run_rank(rank, world, shards, out, None)
+    return run_rank(rank, world, shards, out, None, "augment.where=loader")
