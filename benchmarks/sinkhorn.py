@@ -5,6 +5,11 @@ and 2 gloo ranks vs 1, all measured in one run.
     python benchmarks/sinkhorn.py --skip-sela          # without the SeLa-style baseline: ~1 min
     python benchmarks/sinkhorn.py --n 20000 --k 500    # quicker
     python benchmarks/sinkhorn.py --gpu                # ImageNet size: N=1.28M, K=3000, 10 heads
+    python benchmarks/sinkhorn.py --recompute 512      # stored vs recomputed logits (D=512)
+
+``--recompute D``: a linear head on D-dimensional mixture features, solved with its logits
+stored (``head_logits``) and recomputed from the features (:class:`LinearLogits`), each in a
+fresh process: seconds and peak memory above the features (``ru_maxrss``), same labels.
 
 CPU kernels: the per-iteration tables put the fused numba sweep (the default) beside the
 torch/BLAS one (``SELFCLUST_SINKHORN_CPU=torch``), each vs one ``block.sum()``, for 1 and 2
@@ -37,7 +42,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import selfclust.sinkhorn as sk  # noqa: E402
-from selfclust.sinkhorn import SinkhornResult, sinkhorn_knopp  # noqa: E402
+from selfclust.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp  # noqa: E402
 
 
 def simulated_logits(
@@ -271,6 +276,68 @@ def cpu_main(args: argparse.Namespace) -> None:
         )
 
 
+def simulated_head(
+    n: int, k: int, d: int, classes: int, margin: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, d] mixture features and a [k, d] random linear head scaled to a median top-2
+    margin of ``margin`` logits (as :func:`simulated_logits`, in d dimensions)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.rand(classes, generator=g) * 0.4 + 0.8
+    cls = torch.multinomial(sizes / sizes.sum(), n, replacement=True, generator=g)
+    centers = torch.randn(classes, d, generator=g)
+    x = centers[cls].add_(0.5 * torch.randn(n, d, generator=g))
+    w = torch.randn(k, d, generator=g) / math.sqrt(d)
+    top = (x[: min(n, 100_000)] @ w.t()).topk(2, dim=1).values
+    return x, w.mul_(margin / (top[:, 0] - top[:, 1]).median())
+
+
+def _memory_rank(rank: int, tmp: str, lam: float, recompute: bool) -> None:
+    import resource
+
+    from selfclust.labelling import head_logits
+
+    torch.set_num_threads(1)
+    x, w = torch.load(f"{tmp}/head.pt")
+    head = torch.nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.zero_()
+    sinkhorn_knopp(x[:2000] @ w.t(), lam)  # warm-up (numba kernels)
+    rss0 = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    t = time.perf_counter()
+    z = LinearLogits(x, head.weight, head.bias) if recompute else head_logits(head, x)
+    res = sinkhorn_knopp(z, lam)
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    out = {"labels": res.labels, "iters": res.iterations, "time": dt, "mem": peak - rss0}
+    torch.save(out, f"{tmp}/{'rec' if recompute else 'stored'}.pt")
+
+
+def recompute_main(args: argparse.Namespace) -> None:
+    n, k, d = args.n or 100_000, args.k or 1000, args.recompute
+    x, w = simulated_head(n, k, d, args.classes or k, args.margin, args.seed)
+    block = n * k * 4 / 2**20
+    print(f"N={n} K={k} D={d} λ={args.lam}, 1 thread, load {os.getloadavg()[0]:.2f}\n")
+    print("| logits | seconds | iterations | peak memory above the features | labels |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save((x, w), f"{tmp}/head.pt")
+        outs = {}
+        for rec in (False, True):
+            mp.start_processes(
+                _memory_rank, args=(tmp, args.lam, rec), nprocs=1, start_method="spawn"
+            )
+            outs[rec] = torch.load(f"{tmp}/{'rec' if rec else 'stored'}.pt")
+    for rec, name in ((False, "stored (head_logits)"), (True, "recomputed (LinearLogits)")):
+        o = outs[rec]
+        same = float((o["labels"] == outs[False]["labels"]).double().mean())
+        mib = o["mem"] / 2**20
+        print(
+            f"| {name} | {o['time']:.2f} | {o['iters']} | {mib:.0f} MiB "
+            f"({mib / block:.2f} blocks of {block:.0f} MiB) | {same:.6f} |"
+        )
+
+
 def gpu_main(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device (none found)")
@@ -326,6 +393,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gpu", action="store_true", help="ImageNet size on one CUDA device")
     ap.add_argument("--heads", type=int, default=10, help="--gpu: heads solved one by one")
+    ap.add_argument(
+        "--recompute", type=int, default=0, metavar="D", help="stored vs recomputed logits"
+    )
     args = ap.parse_args()
     if args.gpu:
         args.classes = args.classes or args.k or 3000
@@ -333,6 +403,9 @@ def main() -> None:
         return
     args.n, args.k = args.n or 100_000, args.k or 1000
     args.classes = args.classes or args.k
+    if args.recompute:
+        recompute_main(args)
+        return
     cpu_main(args)
 
 

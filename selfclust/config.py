@@ -62,6 +62,11 @@ class MethodConfig(_Section):
     lam: float = Field(25.0, gt=0, le=100, description="Sinkhorn λ (SeLa: 25)")
     sinkhorn_tol: float = Field(1e-3, gt=0)
     sinkhorn_max_iters: int = Field(1000, ge=1)
+    # stored: each head's [n_r, K] logits are held during its Sinkhorn solve (peak: features +
+    # 2 blocks); recomputed: rebuilt from the features in row chunks whenever the solver reads
+    # them (peak: features + 1 block, one n_r x D x K product per kernel rebuild; for GPUs
+    # short of memory). Linear heads only; results equal up to float rounding.
+    sinkhorn_logits: Literal["stored", "recomputed"] = "stored"
     relabels: int = Field(80, ge=1, description="label updates over the run (SeLa: 80)")
     relabel_power: float = Field(2.0, gt=0, description="spacing of updates; 2 = SeLa's quadratic")
     relabel_start: float = Field(

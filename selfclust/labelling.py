@@ -19,7 +19,7 @@ from torch import nn
 from selfclust import collectives as C
 from selfclust.augment import normalize
 from selfclust.kmeans import assign, distributed_centroids, sample_pool
-from selfclust.sinkhorn import sinkhorn_knopp
+from selfclust.sinkhorn import LinearLogits, sinkhorn_knopp
 
 
 @dataclass
@@ -114,17 +114,24 @@ def sinkhorn_labels(
     tol: float,
     max_iters: int,
     group: Any = C.WORLD,
+    recompute: bool = False,
 ) -> tuple[torch.Tensor, RelabelStats]:
     """Labels ``[T, n_r]`` for this rank's rows; one head's logits block alive at a time.
 
     Peak memory per rank: the features plus two ``[n_r, K]`` float32 blocks (the head's
-    logits and Sinkhorn's kernel, which rebuilds from the logits when it re-stabilises).
-    On CUDA the convergence test runs every 10 iterations (each is a host-device sync).
+    logits and Sinkhorn's kernel, which rebuilds from the logits when it re-stabilises), or
+    one with ``recompute`` (linear heads: the solver recomputes logits chunks from the
+    features, :class:`selfclust.sinkhorn.LinearLogits`). On CUDA the convergence test runs
+    every 10 iterations (each is a host-device sync).
     """
     labels, its, errs = [], [], []
     check_every = 10 if emb.features.device.type == "cuda" else 1
     for head in heads:
-        z = head_logits(head, emb.features)
+        z: torch.Tensor | LinearLogits
+        if recompute and isinstance(head, nn.Linear):
+            z = LinearLogits(emb.features, head.weight, head.bias)
+        else:
+            z = head_logits(head, emb.features)
         res = sinkhorn_knopp(
             z, lam, tol=tol, max_iters=max_iters, group=group, check_every=check_every
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +62,13 @@ _C_UNDERFLOW = 1e-30
 _OMEGA_WARMUP = 20
 _OMEGA_WINDOW = 10
 _OMEGA_MAX = 1.98
+# LinearLogits: default rows per recomputed chunk, as bytes of float32 logits.
+_RECOMPUTE_BYTES = 64 << 20
 # CPU kernels: "numba" (fused, default) or "torch" (BLAS on chunks; for comparison/fallback).
 _CPU_KERNEL_ENV = "SELFCLUST_SINKHORN_CPU"
 
 
-def _numba_threads(t: torch.Tensor) -> int:
+def _numba_threads(t: torch.Tensor | LinearLogits) -> int:
     """Threads for the fused numba kernels on ``t``'s device, or 0 for the torch path: on
     non-CPU devices, with ``SELFCLUST_SINKHORN_CPU=torch``, or in a forked DataLoader worker
     (numba's OpenMP layer is not fork-safe). Uses as many threads as torch."""
@@ -99,6 +102,86 @@ class SinkhornResult:
     iterations: int  # row+column updates done (all ranks agree)
     error: float  # max_k |K * Σ_i Q_ik − 1| after the last row update
     converged: bool  # error < tol
+
+
+class LinearLogits:
+    """A linear head's logits ``features @ weight.T + bias``, never held whole: Sinkhorn
+    recomputes them in row chunks (one ``addmm`` each) whenever it reads the logits (the
+    checks, each kernel rebuild and exact column step), so its peak memory is the features
+    plus one ``[n, K]`` float32 block (the kernel) and one chunk (``chunk`` rows, by default
+    ~64 MiB of logits) instead of two blocks. Worth it where a matrix product is cheap next to
+    the memory, i.e. on GPUs; on a CPU each rebuild then costs a product of ``n × D × K``.
+    The result equals solving on the stored logits up to the order of float32 column sums.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        chunk: int | None = None,
+    ) -> None:
+        if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"features [n, D] and weight [K, D] must agree, got {tuple(features.shape)} "
+                f"and {tuple(weight.shape)}"
+            )
+        k = weight.shape[0]
+        self.features = features
+        self.weight = weight.detach().float()
+        self.bias = (torch.zeros(k) if bias is None else bias.detach()).float().to(weight.device)
+        self.chunk = max(1, chunk or _RECOMPUTE_BYTES // (4 * k))
+        self.shape = torch.Size((features.shape[0], k))
+        self.device = features.device
+        self.dtype = torch.float32
+
+    def dim(self) -> int:
+        return 2
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, logits of those rows) for consecutive row chunks, float32, contiguous."""
+        w_t = self.weight.t()
+        for start in range(0, self.shape[0], self.chunk):
+            f = self.features[start : start + self.chunk]
+            yield slice(start, start + f.shape[0]), torch.addmm(self.bias, f.float(), w_t)
+
+
+def _blocks(logits: torch.Tensor | LinearLogits) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The logits as (rows, block) pairs: a stored tensor is one block."""
+    if isinstance(logits, LinearLogits):
+        yield from logits.blocks()
+    else:
+        yield slice(0, logits.shape[0]), logits
+
+
+def _build_blocks(
+    logits: torch.Tensor | LinearLogits,
+    z_max: torch.Tensor,
+    lam: float,
+    log_alpha0: torch.Tensor,
+    out: Any,
+    threads: int,
+    rows: tuple[torch.Tensor, torch.Tensor, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_build_kernel` over the logits' blocks, into one kernel ``out``."""
+    if not isinstance(logits, LinearLogits):
+        return _build_kernel(logits, z_max, lam, log_alpha0, out, threads, rows)
+    n, k = logits.shape
+    p = torch.empty(n, k, dtype=torch.float32, device=logits.device) if out is None else out
+    m = torch.empty(n, dtype=torch.float32, device=logits.device)
+    b, b_ex, inv_n = rows
+    c: torch.Tensor | None = None
+    first = True
+    for sl, z in logits.blocks():
+        _, m[sl], c_blk = _build_kernel(
+            z, z_max[sl], lam, log_alpha0, p[sl], threads, (b[sl], b_ex[sl], inv_n)
+        )
+        c = c_blk if first else (None if c is None or c_blk is None else c + c_blk)
+        first = False
+    return p, m, c
 
 
 def _exponent(
@@ -214,7 +297,7 @@ def _next_omega(omega: float, rate: float) -> float:
 
 
 def _exact_log_alpha(
-    logits: torch.Tensor,
+    logits: torch.Tensor | LinearLogits,
     z_max: torch.Tensor,
     lam: float,
     log_alpha0: torch.Tensor,
@@ -233,19 +316,38 @@ def _exact_log_alpha(
     logits and leave ``buf`` alone; else torch, through ``buf``.
     """
     k = buf.shape[1]
-    if threads and logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous():
+    fused = isinstance(logits, LinearLogits) or (
+        logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous()
+    )
+    if threads and fused:
         from selfclust import sinkhorn_cpu
 
         la0 = log_alpha0.to(torch.float32).numpy()
-        z, zm = logits.detach().numpy(), z_max.detach().numpy()
-        args = (z, zm, lam, la0, m.numpy(), b.log().numpy())
-        col_max = all_reduce_max(torch.from_numpy(sinkhorn_cpu.log_col_max(*args, threads)), group)
+        log_b = b.log()
+
+        def arrays(sl: slice, z: torch.Tensor) -> tuple[Any, Any, Any, Any]:
+            zm, mm, lb = z_max[sl].detach().numpy(), m[sl].numpy(), log_b[sl].numpy()
+            return z.detach().contiguous().numpy(), zm, mm, lb
+
+        col_max = torch.full((k,), -math.inf, dtype=torch.float64)
+        for sl, z in _blocks(logits):  # (a LinearLogits recomputes its blocks in each pass)
+            zz, zm, mm, lb = arrays(sl, z)
+            part = sinkhorn_cpu.log_col_max(zz, zm, lam, la0, mm, lb, threads)
+            col_max = torch.maximum(col_max, torch.from_numpy(part))
+        col_max = all_reduce_max(col_max, group)
         cm32 = col_max.to(torch.float32).numpy()
-        col_sum = torch.from_numpy(sinkhorn_cpu.log_col_sum(*args, cm32, threads))
+        col_sum = torch.zeros(k, dtype=torch.float64)
+        for sl, z in _blocks(logits):
+            zz, zm, mm, lb = arrays(sl, z)
+            col_sum += torch.from_numpy(
+                sinkhorn_cpu.log_col_sum(zz, zm, lam, la0, mm, lb, cm32, threads)
+            )
         col_sum = all_reduce_sum(col_sum, group)
         log_alpha = log_alpha0 - col_max - col_sum.log()
         return (log_alpha - log_alpha.max()).to(torch.float32).to(torch.float64)
-    _exponent(logits, z_max, lam, log_alpha0, buf).sub_(m[:, None]).add_(b.log()[:, None])
+    for sl, z in _blocks(logits):
+        _exponent(z, z_max[sl], lam, log_alpha0, buf[sl])
+    buf.sub_(m[:, None]).add_(b.log()[:, None])
     if buf.shape[0] > 0:
         col_max = buf.amax(dim=0).to(torch.float64)  # [K]
     else:
@@ -259,7 +361,7 @@ def _exact_log_alpha(
 
 
 def sinkhorn_knopp(
-    logits: torch.Tensor,
+    logits: torch.Tensor | LinearLogits,
     lam: float,
     tol: float = 1e-3,
     max_iters: int = 1000,
@@ -269,7 +371,8 @@ def sinkhorn_knopp(
     """Equal-size pseudo-labels by entropy-regularised optimal transport (SeLa).
 
     Args:
-        logits: [n, K] this rank's rows (any float dtype, CPU or CUDA); not modified.
+        logits: [n, K] this rank's rows (any float dtype, CPU or CUDA); not modified. Or a
+            :class:`LinearLogits`, recomputed in row chunks when needed instead of stored.
         lam: λ > 0, inverse entropic regularisation (SeLa uses 25; up to 50 is supported).
         tol: stop when ``error < tol``. Float32 iterations stall near 1e-6, so keep tol ≥ 1e-5;
             1e-3 is plenty for labels.
@@ -309,10 +412,13 @@ def sinkhorn_knopp(
     # One all-reduce gives N and the number of non-finite rows, so all ranks raise together.
     if n > 0:
         # [n] each; NaN and ±inf propagate (two passes: aminmax(dim=1) is ~10x slower on CPU)
-        z_min, z_max = logits.amin(dim=1), logits.amax(dim=1)
-        bad = (~(torch.isfinite(z_min) & torch.isfinite(z_max))).sum()
-        z_max = z_max.to(torch.float32)
-        del z_min
+        maxima, bad = [], torch.zeros((), dtype=torch.int64, device=device)
+        for _, z in _blocks(logits):
+            z_min, z_blk_max = z.amin(dim=1), z.amax(dim=1)
+            bad = bad + (~(torch.isfinite(z_min) & torch.isfinite(z_blk_max))).sum()
+            maxima.append(z_blk_max.to(torch.float32))
+        z_max = maxima[0] if len(maxima) == 1 else torch.cat(maxima)
+        del z, z_min, z_blk_max, maxima  # a recomputed block must not outlive its pass
     else:
         bad = torch.zeros((), dtype=torch.int64, device=device)
         z_max = torch.zeros(0, dtype=torch.float32, device=device)
@@ -333,7 +439,7 @@ def sinkhorn_knopp(
     b = torch.empty(n, dtype=torch.float32, device=device)  # row scaling (relaxed)
     b_ex = torch.empty(n, dtype=torch.float32, device=device)  # exact rows, set on checks
     # [n, K] f32, [n] f32; numba: c_first holds the column sums of the first sweep on P
-    p, m, c_first = _build_kernel(logits, z_max, lam, log_alpha0, None, threads, (b, b_ex, inv_n))
+    p, m, c_first = _build_blocks(logits, z_max, lam, log_alpha0, None, threads, (b, b_ex, inv_n))
     error, converged, fresh = math.inf, False, True
     omega, anchor = 1.0, (0, math.inf)  # over-relaxation and the (iteration, error) it saw
     it = 0
@@ -369,7 +475,7 @@ def sinkhorn_knopp(
                     )
                 else:
                     log_alpha0 = (log_alpha0 + nxt - nxt.max()).to(torch.float32).double()
-                p, m, c_first = _build_kernel(
+                p, m, c_first = _build_blocks(
                     logits, z_max, lam, log_alpha0, p, threads, (b, b_ex, inv_n)
                 )
                 a.fill_(1.0)

@@ -321,7 +321,12 @@ class Trainer:
             record["event"] = f"init_{m.init}"
         else:
             local, st = sinkhorn_labels(
-                self.model.heads, emb, m.lam, m.sinkhorn_tol, m.sinkhorn_max_iters
+                self.model.heads,
+                emb,
+                m.lam,
+                m.sinkhorn_tol,
+                m.sinkhorn_max_iters,
+                recompute=m.sinkhorn_logits == "recomputed",
             )
             record.update(
                 event="relabel",

@@ -86,6 +86,19 @@ def test_label_pass_balanced_and_keyed_by_idx(shards: str) -> None:
     assert (gather_bank(local, emb.idx, 1797) == out["bank"]).float().mean() >= 0.999
 
 
+def test_recomputed_logits_give_the_stored_labels(shards: str) -> None:
+    """``method.sinkhorn_logits=recomputed``: the solver rebuilds each head's logits from the
+    features (same chunks as the stored block), so the labels are the same, bit for bit."""
+    s = ShardSet.open(shards)
+    model = _model()
+    emb = embed(model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797)
+    stored, st = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
+    again, st2 = sinkhorn_labels(
+        model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, recompute=True
+    )
+    assert torch.equal(again, stored) and st2.iterations == st.iterations
+
+
 def test_gather_bank_refuses_duplicates() -> None:
     with pytest.raises(RuntimeError, match="exactly once"):
         gather_bank(torch.zeros(1, 3, dtype=torch.long), torch.tensor([0, 1, 1]), 3)

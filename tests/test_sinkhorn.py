@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import selfclust.sinkhorn as sk
 from selfclust import sinkhorn_cpu
 from selfclust.collectives import WORLD
-from selfclust.sinkhorn import SinkhornResult, sinkhorn_knopp
+from selfclust.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 
@@ -311,6 +311,43 @@ def test_numba_kernels_match_torch(n: int) -> None:
         assert torch.equal(torch.from_numpy(labels), want)
 
 
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_recomputed_linear_logits_match_stored(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logits recomputed from features in row chunks (never stored whole) solve like the stored
+    block: bit for bit in one chunk, and in several chunks (column sums then add up in another
+    order) the same labels and iterations. Peaked logits at λ = 50 drive absorptions and the
+    exact log-domain column step, both of which re-read the logits chunk by chunk."""
+    monkeypatch.setenv("SELFCLUST_SINKHORN_CPU", kernel)
+    exact_steps = []
+    exact = sk._exact_log_alpha
+
+    def counted(*args: object, **kw: object) -> torch.Tensor:
+        exact_steps.append(1)
+        return exact(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sk, "_exact_log_alpha", counted)
+    z = peaked_logits(3000, 24, 9)
+    ref = sinkhorn_knopp(z, 50.0)
+    assert ref.converged and exact_steps
+    for chunk in (3000, 701):  # one chunk; five uneven ones
+        lin = LinearLogits(z, torch.eye(24), chunk=chunk)
+        assert torch.equal(torch.cat([blk for _, blk in lin.blocks()]), z)  # z I + 0 is exact
+        got = sinkhorn_knopp(lin, 50.0)
+        assert got.iterations == ref.iterations and got.converged
+        assert torch.equal(got.labels, ref.labels)
+        tol = 0.0 if chunk == 3000 else 1e-4
+        assert torch.allclose(got.log_alpha, ref.log_alpha, rtol=0.0, atol=tol)
+        assert torch.allclose(got.log_beta, ref.log_beta, rtol=0.0, atol=tol)
+    features = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    features[[3, 400], 1] = float("nan")
+    with pytest.raises(ValueError, match="2 row"):
+        sinkhorn_knopp(LinearLogits(features, torch.randn(5, 8), chunk=128), 25.0)
+    with pytest.raises(ValueError, match="must agree"):
+        LinearLogits(features, torch.randn(5, 7))
+
+
 def test_fused_exp_within_two_ulp() -> None:
     x = -torch.rand(1_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = torch.cat([87.0 * x, torch.tensor([0.0, -1e-30, -0.34657, -0.34658, -50.0, -86.9])])
@@ -344,6 +381,10 @@ def test_cuda_matches_cpu() -> None:
     assert gpu.labels.is_cuda and gpu.converged
     assert (gpu.labels.cpu() == cpu.labels).double().mean() >= 0.999
     assert torch.allclose(gpu.log_alpha.cpu(), cpu.log_alpha, atol=1e-2)
+    # logits recomputed from features on the GPU (z I + 0 = z), in 3 chunks
+    rec = sinkhorn_knopp(LinearLogits(z.cuda(), torch.eye(100, device="cuda"), chunk=7000), 25.0)
+    assert rec.labels.is_cuda and rec.converged
+    assert (rec.labels == gpu.labels).double().mean() >= 0.999
 
 
 # ---------------------------------------------------------------- distributed
