@@ -77,9 +77,9 @@ def _exp_neg(d: Any) -> Any:
 
 
 @numba.njit(inline="always", fastmath=_FM_SWEEP)
-def _term(x: Any, a: Any, lam: Any, shift: Any, out: Any, j: int) -> Any:
+def _term(x: Any, a: Any, lam: Any, shift: Any, out: Any, j: int, product: bool) -> Any:
     """``v_j`` of :func:`_max8` (``out[j] = v_j`` for the kernel exponent)."""
-    if lam == 0:
+    if product:
         return x[j] * a[j]
     v = a[j] + lam * (np.float32(x[j]) - shift)
     out[j] = v
@@ -87,8 +87,8 @@ def _term(x: Any, a: Any, lam: Any, shift: Any, out: Any, j: int) -> Any:
 
 
 @numba.njit(inline="always", fastmath=_FM_SWEEP)
-def _max8(x: Any, a: Any, lam: Any, shift: Any, out: Any) -> Any:
-    """Exact ``max_j v_j`` over a row (−inf if empty): ``v_j = x_j a_j`` (``lam = 0``), or the
+def _max8(x: Any, a: Any, lam: Any, shift: Any, out: Any, product: bool) -> Any:
+    """Exact ``max_j v_j`` over a row (−inf if empty): ``v_j = x_j a_j`` (``product``), or the
     kernel exponent ``v_j = a_j + lam (x_j − shift)`` in float32, also written to ``out``.
     Eight running maxima, so that LLVM vectorises it: a single ``mx = max(mx, v)`` chain stays
     scalar (3.5× slower; it was the largest part of a kernel build)."""
@@ -96,10 +96,14 @@ def _max8(x: Any, a: Any, lam: Any, shift: Any, out: Any) -> Any:
     kk = k - k % 8
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(-np.inf)
     for j in range(0, kk, 8):
-        v0, v1 = _term(x, a, lam, shift, out, j), _term(x, a, lam, shift, out, j + 1)
-        v2, v3 = _term(x, a, lam, shift, out, j + 2), _term(x, a, lam, shift, out, j + 3)
-        v4, v5 = _term(x, a, lam, shift, out, j + 4), _term(x, a, lam, shift, out, j + 5)
-        v6, v7 = _term(x, a, lam, shift, out, j + 6), _term(x, a, lam, shift, out, j + 7)
+        v0 = _term(x, a, lam, shift, out, j, product)
+        v1 = _term(x, a, lam, shift, out, j + 1, product)
+        v2 = _term(x, a, lam, shift, out, j + 2, product)
+        v3 = _term(x, a, lam, shift, out, j + 3, product)
+        v4 = _term(x, a, lam, shift, out, j + 4, product)
+        v5 = _term(x, a, lam, shift, out, j + 5, product)
+        v6 = _term(x, a, lam, shift, out, j + 6, product)
+        v7 = _term(x, a, lam, shift, out, j + 7, product)
         m0 = v0 if v0 > m0 else m0
         m1 = v1 if v1 > m1 else m1
         m2 = v2 if v2 > m2 else m2
@@ -109,7 +113,7 @@ def _max8(x: Any, a: Any, lam: Any, shift: Any, out: Any) -> Any:
         m6 = v6 if v6 > m6 else m6
         m7 = v7 if v7 > m7 else m7
     for j in range(kk, k):
-        v = _term(x, a, lam, shift, out, j)
+        v = _term(x, a, lam, shift, out, j, product)
         m0 = v if v > m0 else m0
     m0 = m1 if m1 > m0 else m0
     m2 = m3 if m3 > m2 else m2
@@ -152,7 +156,7 @@ def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, b, b_ex, t
         for start in range(lo_i, hi_i, _FLUSH):
             for i in range(start, min(start + _FLUSH, hi_i)):
                 zi, oi, zm = z[i], out[i], z_max[i]
-                mx = _max8(zi, log_alpha0, lamf, zm, oi)  # oi = the exponents s
+                mx = _max8(zi, log_alpha0, lamf, zm, oi, False)  # oi = the exponents s
                 m[i] = mx
                 row_sum = np.float32(0.0)
                 for j in range(k):
@@ -232,9 +236,9 @@ def scaled_argmax(p, a, tasks):  # type: ignore[no-untyped-def]
         for i in range(t * n // tasks, (t + 1) * n // tasks):
             row = p[i]
             zero = np.float32(0.0)
-            best = _max8(row, a, zero, zero, row)  # vectorised, then the first index reaching it
-            arg = 0
-            while row[arg] * a[arg] != best:
+            best = _max8(row, a, zero, zero, row, True)  # vectorised; then the first index
+            arg = 0  # that reaches it (the same float32 products: exact)
+            while arg < k - 1 and row[arg] * a[arg] != best:
                 arg += 1
             out[i] = arg
     return out
