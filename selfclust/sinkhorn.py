@@ -133,7 +133,7 @@ class LinearLogits:
         self.chunk = max(1, chunk or _RECOMPUTE_BYTES // (4 * k))
         self.shape = torch.Size((features.shape[0], k))
         self.device = features.device
-        self.dtype = torch.float32
+        self.dtype = torch.float32  # of the recomputed blocks
 
     def dim(self) -> int:
         return 2
@@ -166,22 +166,20 @@ def _build_blocks(
     threads: int,
     rows: tuple[torch.Tensor, torch.Tensor, float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`_build_kernel` over the logits' blocks, into one kernel ``out``."""
-    if not isinstance(logits, LinearLogits):
-        return _build_kernel(logits, z_max, lam, log_alpha0, out, threads, rows)
+    """:func:`_build_kernel` block by block (:func:`_blocks`) into one kernel ``out``
+    (allocated if None); the first sweep's column sums add up over the blocks."""
     n, k = logits.shape
     p = torch.empty(n, k, dtype=torch.float32, device=logits.device) if out is None else out
     m = torch.empty(n, dtype=torch.float32, device=logits.device)
     b, b_ex, inv_n = rows
-    c: torch.Tensor | None = None
-    first = True
-    for sl, z in logits.blocks():
-        _, m[sl], c_blk = _build_kernel(
+    sums = []
+    for sl, z in _blocks(logits):
+        _, m[sl], c = _build_kernel(
             z, z_max[sl], lam, log_alpha0, p[sl], threads, (b[sl], b_ex[sl], inv_n)
         )
-        c = c_blk if first else (None if c is None or c_blk is None else c + c_blk)
-        first = False
-    return p, m, c
+        sums.append(c)
+    done = [c for c in sums if c is not None]  # torch kernels do no first sweep
+    return p, m, (torch.stack(done).sum(0) if done and len(done) == len(sums) else None)
 
 
 def _exponent(
@@ -417,7 +415,7 @@ def sinkhorn_knopp(
             z_min, z_blk_max = z.amin(dim=1), z.amax(dim=1)
             bad = bad + (~(torch.isfinite(z_min) & torch.isfinite(z_blk_max))).sum()
             maxima.append(z_blk_max.to(torch.float32))
-        z_max = maxima[0] if len(maxima) == 1 else torch.cat(maxima)
+        z_max = torch.cat(maxima)
         del z, z_min, z_blk_max, maxima  # a recomputed block must not outlive its pass
     else:
         bad = torch.zeros((), dtype=torch.int64, device=device)
