@@ -86,7 +86,9 @@ class MethodConfig(_Section):
     kmeans_init_heads: bool = False
     # The last `manifold_relabels` label updates cluster the backbone's pooled features with
     # UMAP + a Gaussian mixture on a global sample of kmeans_samples (rank 0, CPU; the rest by
-    # k-NN vote) instead of Sinkhorn: unequal cluster sizes, curved clusters (sela only).
+    # k-NN vote) instead of Sinkhorn: unequal cluster sizes, curved clusters. DEPICT: the last
+    # refreshes take the partition of the embedding (ids matched to the head's) as one-hot
+    # targets instead of the balanced soft ones (sela and depict only).
     manifold_relabels: int = Field(0, ge=0, description="last label updates done by UMAP + GMM")
     manifold_neighbors: int = Field(20, ge=2, description="UMAP n_neighbors")
     manifold_dim: int = Field(10, ge=1, description="UMAP output dimensions")
@@ -162,8 +164,11 @@ class MethodConfig(_Section):
                 "method.cluster_init partitions DEC/DEPICT/DGG's pretrained embedding; SeLa's "
                 "first labels come from method.init (e.g. init=manifold_pixels)"
             )
-        sela_manifold = self.manifold_relabels > 0 or self.init == "manifold_pixels"
-        manifold = sela_manifold or self.cluster_init == "manifold"
+        manifold = (
+            self.manifold_relabels > 0
+            or self.init == "manifold_pixels"
+            or self.cluster_init == "manifold"
+        )
         if manifold and self.clusters > 1000:
             raise ValueError(
                 f"manifold clustering (UMAP + a Gaussian mixture on rank 0) is for up to 1000 "
@@ -184,9 +189,15 @@ class MethodConfig(_Section):
                 "with the others, which needs 3 or more: set method.manifold_init_candidates "
                 ">= 3, or method.manifold_init_select=silhouette"
             )
-        if sela_manifold and self.name != "sela":
+        if self.init == "manifold_pixels" and self.name != "sela":
             raise ValueError(
-                "method.manifold_relabels and init=manifold_pixels are SeLa's (method.name=sela)"
+                "method.init=manifold_pixels is SeLa's (method.name=sela); DEC/DEPICT/DGG "
+                "partition their pretrained embedding: method.cluster_init=manifold"
+            )
+        if self.manifold_relabels and self.name not in ("sela", "depict"):
+            raise ValueError(
+                f"method.manifold_relabels is for sela and depict (hard targets); {self.name}'s "
+                "targets are soft by its paper: set method.manifold_relabels=0"
             )
         if self.name != "sela":
             if self.heads != 1:

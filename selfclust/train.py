@@ -285,7 +285,11 @@ class Trainer:
         emb = self._embed(self.shards, pixels=pixels)
         record: dict[str, Any] = {"step": self.pos.global_step, "epoch": self.pos.epoch}
         if self.runner is not None:
-            local, extra = (self.runner.initialise if initial else self.runner.refresh)(emb)
+            if initial:
+                local, extra = self.runner.initialise(emb)
+            else:
+                seed = self.cfg.seed + self.pos.global_step if self._manifold_now() else None
+                local, extra = self.runner.refresh(emb, manifold_seed=seed)
             record.update(event=f"init_{m.cluster_init}" if initial else "relabel", **extra)
         elif (initial and m.init == "manifold_pixels") or (not initial and self._manifold_now()):
             local = manifold_labels(
@@ -358,7 +362,7 @@ class Trainer:
         """Whether the label update at this step is one of the last ``manifold_relabels``."""
         schedule = sorted(self.relabel_at)
         later = len(schedule) - bisect.bisect_left(schedule, self.pos.global_step)
-        return self.runner is None and later <= self.cfg.method.manifold_relabels
+        return later <= self.cfg.method.manifold_relabels
 
     # ------------------------------------------------------------------ training
     def _method_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

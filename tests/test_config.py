@@ -118,6 +118,26 @@ MANIFOLD = ["method.cluster_init=manifold"]
             ["3 or more", "manifold_init_select=silhouette"],
         ),
         (["method.name=dec", "method.heads=1", "method.clusters=2000", *MANIFOLD], ["1000"]),
+        (
+            [
+                "method.name=dgg",
+                "method.heads=1",
+                "method.pixels=unit",
+                "method.relabels=3",
+                "method.clusters=10",
+                "method.manifold_relabels=1",
+            ],
+            ["sela and depict", "method.manifold_relabels=0"],
+        ),
+        (
+            [
+                "method.name=depict",
+                "method.heads=1",
+                "method.clusters=10",
+                "method.init=manifold_pixels",
+            ],
+            ["SeLa's", "method.cluster_init=manifold"],
+        ),  # fmt: skip
     ],
 )
 def test_method_configs_are_validated(overrides, words):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,21 +128,80 @@ def test_too_few_samples_is_a_clear_error() -> None:
         cluster_pool(np.zeros((8, 3), np.float32), 10, seed=0)
 
 
+def _depict_runner(samples: int) -> Any:
+    """A DEPICT runner whose embedding is the 64 digit pixels (same seeded head everywhere)."""
+    from selfclust.config import load_config
+    from selfclust.methods.nets import build_cluster_net
+    from selfclust.methods.runner import build_runner
+
+    over = ["method.name=depict", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
+            "method.manifold_neighbors=15", f"method.kmeans_samples={samples}",
+            "method.kmeans_restarts=2"]  # fmt: skip
+    cfg = load_config(None, over)
+    torch.manual_seed(0)
+    return build_runner(cfg, build_cluster_net(cfg, 1, 8), 1797)
+
+
 def _rank(rank: int, world: int, x: torch.Tensor, samples: int) -> torch.Tensor:
-    idx = torch.arange(len(x))[rank::world]  # interleaved: every rank holds part of the pool
+    """This rank's ``[idx, manifold_labels, DEPICT's manifold refresh]`` (interleaved rows:
+    every rank holds part of the pool)."""
+    from selfclust.labelling import Embedded
+
+    idx = torch.arange(len(x))[rank::world]
     out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), neighbors=15)
-    return torch.stack([idx, out[0]])
+    emb = Embedded(features=x[idx], idx=idx, cls=torch.full_like(idx, -1))
+    refreshed, _ = _depict_runner(samples).refresh(emb, manifold_seed=5)
+    return torch.stack([idx, out[0], refreshed[0]])
 
 
 def test_two_ranks_equal_one(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = torch.from_numpy(digits[0]), digits[1]
     one = _rank(0, 1, x, 1200)  # no process group: the single-process path, in this process
     two = torch.cat(run_ranks(_rank, 2, tmp_path / "two", x, 1200), dim=1)
-    a = one[1][torch.argsort(one[0])]
-    b = two[1][torch.argsort(two[0])]
-    assert torch.equal(a, b)
+    a = one[1:, torch.argsort(one[0])]
+    b = two[1:, torch.argsort(two[0])]
+    assert torch.equal(a, b)  # both the labels and DEPICT's refreshed targets
     # 597 of 1797 rows are outside the pool and labelled by the vote: still a good partition.
-    assert clustering_scores(y, a.numpy())["acc"] > 0.85
+    assert clustering_scores(y, a[0].numpy())["acc"] > 0.85
+
+
+def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """DEPICT's last refreshes (``method.manifold_relabels``): one-hot targets that are the
+    UMAP + GMM partition of the embedding on the sample (``manifold_labels``' partition),
+    its ids renamed to agree with the head's argmax as well as any renaming can (no swap of
+    two ids agrees more); the next plain refresh is soft again. The test's 'embedding' is
+    the 64 pixels (``embed_dim=64``)."""
+    from selfclust.kmeans import global_sample
+    from selfclust.labelling import Embedded
+
+    x, y = torch.from_numpy(digits[0]), digits[1]
+    n = len(x)
+    runner = _depict_runner(1200)
+    emb = Embedded(features=x, idx=torch.arange(n), cls=torch.from_numpy(y))
+    runner.initialise(emb)  # head fitted to a k-means partition: its argmax means something
+    labels, record = runner.refresh(emb, manifold_seed=5)
+    got = labels[0].numpy()
+    assert runner.hard and record["labeller"] == "manifold"
+    expect = manifold_labels(x, emb.idx, 1, 10, 1200, 5, n, neighbors=15, l2_normalize=False)
+    pairs = set(zip(expect[0].tolist(), got.tolist(), strict=True))
+    assert len(pairs) == 10  # the same partition, renamed one to one
+    assert clustering_scores(y, got)["acc"] > 0.85
+    pool = global_sample(n, 1200, 5)[1]
+    with torch.no_grad():
+        head = runner.model.scores(x[pool]).argmax(1).numpy()
+    agree = (got[pool] == head).mean()
+    assert record["manifold_head_agreement"] == pytest.approx(agree)
+    assert agree > 0.5  # k-means and UMAP + GMM on digits mostly agree
+    for i in range(10):
+        for j in range(i + 1, 10):
+            swapped = np.where(got[pool] == i, j, np.where(got[pool] == j, i, got[pool]))
+            assert (swapped == head).mean() <= agree, (i, j)
+    state = runner.state_dict()
+    assert state["hard"]  # the targets are the bank's labels: a resume trains on the same
+    soft, _ = runner.refresh(emb)
+    assert not runner.hard
+    with torch.no_grad():
+        assert torch.equal(soft[0], runner.model.scores(x).argmax(1))
 
 
 def test_worker_loop_with_manifold_label_updates(tmp_path: Path) -> None:
