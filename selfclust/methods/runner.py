@@ -286,13 +286,13 @@ class DEPICTRunner(MethodRunner):
     def refresh(
         self, emb: Embedded, manifold_seed: int | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Balanced soft targets from the new snapshot (eq. 7); or, with ``manifold_seed``,
-        one-hot targets: the UMAP + GMM partition of the current embedding, its cluster ids
-        matched to the head's argmax (Hungarian, on the global sample) so that the head keeps
-        what it has learnt. The joint phase sharpens the embedding more than the linear head
-        shows (on MNIST-test, seed 1: the embedding's partition at ACC 0.961 under a head at
-        0.953); one-hot targets carry that partition into the head. The targets are the label
-        bank's, so a resumed run trains on the same ones."""
+        """Balanced soft targets from the new snapshot (``balanced_target``); or, with
+        ``manifold_seed``, one-hot targets: the UMAP + GMM partition of the current embedding,
+        its cluster ids matched to the head's argmax (Hungarian, on the global sample) so that
+        the head keeps what it has learnt. The joint phase sharpens the embedding more than
+        the linear head shows (on MNIST-test, seed 1: the embedding's partition at ACC 0.961
+        under a head at 0.953); one-hot targets carry that partition into the head. The
+        targets are the label bank's, so a resumed run trains on the same ones."""
         p = self._stats(emb)
         if manifold_seed is None:
             self.hard = False
