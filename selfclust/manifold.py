@@ -70,9 +70,7 @@ def cluster_pool(
             f"got {len(x)}: raise method.kmeans_samples or lower method.clusters"
         )
     logging.getLogger("numba").setLevel(logging.WARNING)
-    import umap
     from sklearn.metrics import silhouette_score
-    from sklearn.mixture import GaussianMixture
 
     if select == "consensus" and candidates == 2:
         raise ValueError(
@@ -80,18 +78,15 @@ def cluster_pool(
             "agreement of two partitions is the same for both"
         )
     log = logging.getLogger(__name__)
-    parts: list[np.ndarray] = []
-    for c in range(candidates):
-        s = seed + 7919 * c
-        z = umap.UMAP(
-            n_neighbors=neighbors,
-            n_components=dim,
-            min_dist=0.0,
-            random_state=s,  # seeded UMAP is single-threaded and deterministic
-            n_jobs=1,  # (said explicitly: otherwise UMAP warns that it overrides n_jobs)
-        ).fit_transform(x)
-        gmm = GaussianMixture(k, covariance_type="full", n_init=restarts, random_state=s)
-        parts.append(gmm.fit(z).predict(z).astype(np.int64))
+    torch_threads = torch.get_num_threads()
+    try:
+        parts = _partitions(x, k, seed, neighbors, dim, restarts, candidates)
+    finally:
+        # numba's OpenMP pool (UMAP, pynndescent) can reset torch's thread count when it
+        # starts: the worker would then train on more threads than it was given after a
+        # manifold step, and a run resumed past one (a fresh process) would not match.
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
     if candidates == 1:
         return parts[0]
     if select == "consensus":
@@ -108,6 +103,28 @@ def cluster_pool(
     best = int(np.argmax(scores))  # the first of equals
     log.info("manifold candidate %d kept (%s)", best, select)
     return parts[best]
+
+
+def _partitions(
+    x: np.ndarray, k: int, seed: int, neighbors: int, dim: int, restarts: int, candidates: int
+) -> list[np.ndarray]:
+    """One UMAP + GMM partition per candidate seed (``seed + 7919 c``)."""
+    import umap
+    from sklearn.mixture import GaussianMixture
+
+    parts = []
+    for c in range(candidates):
+        s = seed + 7919 * c
+        z = umap.UMAP(
+            n_neighbors=neighbors,
+            n_components=dim,
+            min_dist=0.0,
+            random_state=s,  # seeded UMAP is single-threaded and deterministic
+            n_jobs=1,  # (said explicitly: otherwise UMAP warns that it overrides n_jobs)
+        ).fit_transform(x)
+        gmm = GaussianMixture(k, covariance_type="full", n_init=restarts, random_state=s)
+        parts.append(gmm.fit(z).predict(z).astype(np.int64))
+    return parts
 
 
 def consensus_scores(parts: Sequence[np.ndarray]) -> np.ndarray:

@@ -5,12 +5,14 @@
   the first labels must agree; the two ranks end with one model; DEC's stop rule ends both
   ranks at the same step, and a run resumed from the stop is finished at once;
 * exact resume across the pretrain → cluster boundary and from mid-clustering (DGG: the most
-  state — neighbour table, teacher, per-rank posteriors rebuilt from the teacher);
+  state — neighbour table, teacher, per-rank posteriors rebuilt from the teacher), and on
+  either side of DEPICT's manifold refresh (UMAP + GMM targets redone in a new process);
 * one short run per method that beats raw-pixel k-means on sklearn digits.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,39 +140,59 @@ def test_world_two_matches_one_and_dec_stops_together(digits, tmp_path: Path) ->
     assert again[0]["summary"]["model_digest"] == dec2["model_digest"]
 
 
-def test_dgg_resumes_exactly_across_phases(digits, tmp_path: Path) -> None:
+def test_dgg_and_depict_resume_exactly(digits, tmp_path: Path) -> None:
+    """DGG (the most state) resumed across the pretrain → cluster boundary and from
+    mid-clustering; DEPICT with a manifold refresh (one-hot targets from UMAP + GMM, held in
+    the bank) resumed from before it (the resumed run redoes it, in a new process) and from
+    after it. Each ends bit-identical to its uninterrupted run, on both ranks."""
     from spawn import run_ranks
 
     shards = digits[0]
-    over = [
-        "method.name=dgg",
-        *TINY["dgg"],
-        "method.pretrain_epochs=1",
-        "optim.epochs=2",
-        "method.relabels=3",
-        "checkpoint.every_steps=8",
-    ]
-    full = run_ranks(run_rank, 2, tmp_path / "full", shards, str(tmp_path / "full"), over, None)
-    digest = full[0]["summary"]["model_digest"]
-    assert full[1]["summary"]["model_digest"] == digest
-    saved = full[0]["saved"]
-    pre = [p for k, p in saved if k["kind"] == "step" and k["phase"] == "pretrain"]
-    mid = [p for k, p in saved if k["kind"] == "step" and k["phase"] == "cluster" and k["epoch"]]
-    assert pre and mid, [k for k, _ in saved]
-    starts = {"pre": pre[0], "mid": mid[-1]}  # both resumes in one spawn
-    res = run_ranks(run_resumes, 2, tmp_path / "res", shards, str(tmp_path / "res"), over, starts)
+    common = ["optim.epochs=2", "method.relabels=3", "checkpoint.every_steps=8"]
+    runs = {
+        "dgg": ["method.name=dgg", *TINY["dgg"], "method.pretrain_epochs=1", *common],
+        "depict": [
+            "method.name=depict",
+            *TINY["depict"],
+            "method.pretrain_epochs=0",
+            *common,
+            "method.manifold_relabels=1",
+            "method.manifold_neighbors=15",
+        ],
+    }
+    full = run_ranks(run_methods, 2, tmp_path / "full", shards, str(tmp_path / "full"), runs)
+    starts: dict[str, tuple[list[str], str]] = {}
+    for m, over in runs.items():
+        assert full[1][m]["summary"]["model_digest"] == full[0][m]["summary"]["model_digest"]
+        saved = full[0][m]["saved"]
+        steps = [(k, p) for k, p in saved if k["kind"] == "step"]
+        if m == "dgg":
+            pre = [p for k, p in steps if k["phase"] == "pretrain"]
+            mid = [p for k, p in steps if k["phase"] == "cluster" and k["epoch"]]
+            assert pre and mid, [k for k, _ in saved]
+            starts |= {"dgg_pre": (over, pre[0]), "dgg_mid": (over, mid[-1])}
+        else:
+            last = max(k["labels_step"] for k, _ in saved)  # the manifold refresh
+            before = [p for k, p in steps if k["global_step"] < last]
+            after = [p for k, p in steps if k["global_step"] > last]
+            assert before and after, [k for k, _ in saved]
+            starts |= {"depict_before": (over, before[-1]), "depict_after": (over, after[0])}
+    lines = (tmp_path / "full" / "depict" / "run" / "metrics.jsonl").read_text().splitlines()
+    refreshes = [json.loads(x) for x in lines if '"event": "relabel"' in x]
+    assert [r.get("labeller") for r in refreshes] == [None, "manifold"], refreshes
+    res = run_ranks(run_resumes, 2, tmp_path / "res", shards, str(tmp_path / "res"), starts)
     for name in starts:
-        assert res[0][name]["summary"]["model_digest"] == digest, name
-        assert res[1][name]["summary"]["model_digest"] == digest, name
-        assert res[0][name]["summary"]["steps"] == full[0]["summary"]["steps"], name
+        m = name.split("_")[0]
+        for r in (0, 1):
+            got, want = res[r][name]["summary"], full[0][m]["summary"]
+            assert got["model_digest"] == want["model_digest"], name
+            assert got["steps"] == want["steps"], name
 
 
-def run_resumes(
-    rank: int, world: int, shards: str, out: str, overrides: list[str], starts: dict
-) -> dict:
+def run_resumes(rank: int, world: int, shards: str, out: str, starts: dict) -> dict:
     return {
-        name: run_rank(rank, world, shards, f"{out}/{name}", overrides, start)
-        for name, start in starts.items()
+        name: run_rank(rank, world, shards, f"{out}/{name}", over, start)
+        for name, (over, start) in starts.items()
     }
 
 
@@ -203,7 +225,6 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
     the short run that beats pixel k-means: on sklearn's 8x8 digits the strided convs leave
     2x2 maps and DEPICT stays below pixel k-means (0.73 against 0.79)."""
     import gzip
-    import json
 
     from spawn import run_ranks
 
