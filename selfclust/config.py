@@ -81,6 +81,13 @@ class MethodConfig(_Section):
         100_000, ge=1, description="features sampled (over all ranks) for k-means"
     )
     kmeans_iters: int = Field(25, ge=1, description="Lloyd iterations of the k-means init")
+    # Starting centroids of every k-means (init=kmeans/kmeans_pixels, cluster_init=kmeans):
+    # random points, k-means++, or AFK-MC² (k-means++ approximated by Markov chains; faiss).
+    kmeans_seeding: Literal["random", "kmeans++", "afkmc2"] = "random"
+    # Stop Lloyd early after an iteration that lowers the objective by less than this fraction
+    # of it (faiss's early_stop_threshold); 0: always kmeans_iters. Note that at small K the
+    # objective can plateau for an iteration and then fall again.
+    kmeans_tol: float = Field(0.0, ge=0, lt=1, description="relative objective change to stop")
     # init=kmeans only: also set each head to score its k-means centroids (the first labels
     # are the k-means labels either way); the heads read the same pooled features.
     kmeans_init_heads: bool = False

@@ -26,6 +26,11 @@ import torch
 from selfclust import collectives as C
 
 Backend = Literal["auto", "faiss", "torch"]
+# Starting centroids: k distinct random points; k-means++ (D² sampling, Arthur & Vassilvitskii
+# 2007: k passes over the data); AFK-MC² (Bachem et al. 2016: k-means++ approximated by short
+# Markov chains, about 2 Lloyd iterations' time at 100k × 256 → 1000). The torch fallback
+# seeds both k-means++ kinds by exact D² sampling.
+Seeding = Literal["random", "kmeans++", "afkmc2"]
 
 
 @dataclass
@@ -33,6 +38,7 @@ class KMeansResult:
     centroids: torch.Tensor  # [k, D] float32, CPU
     objective: float  # Σ_i min_k ||x_i − c_k||² over the training points, final centroids
     backend: str  # "faiss-cpu", "faiss-gpu" or "torch-<device>"
+    iterations: int  # Lloyd iterations run (fewer than niter when tol stopped them)
 
 
 def _faiss() -> Any:
@@ -84,22 +90,32 @@ def kmeans_torch(
     seed: int = 0,
     chunk: int = 16384,
     init: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Lloyd's k-means in torch on ``x``'s device; returns centroids ``[k, D]`` float32.
+    seeding: Seeding = "random",
+    tol: float = 0.0,
+) -> tuple[torch.Tensor, list[float]]:
+    """Lloyd's k-means in torch on ``x``'s device: centroids ``[k, D]`` float32 and the
+    objective at each iteration's assignment step.
 
-    Initialised like faiss (k distinct random points) unless ``init`` ([k, D]) is given; an
-    empty cluster takes half of the largest one (its centroid, nudged apart), as faiss does.
-    Assignment uses ``||x||² − 2 x·c + ||c||²`` in row chunks: one [chunk, k] block at a time.
+    Starts from ``init`` ([k, D]) if given, else from k distinct random points (as faiss does)
+    or, for either k-means++ seeding, from exact D² sampling. An empty cluster takes half of
+    the largest one (its centroid, nudged apart), as faiss does. Stops early, as faiss's
+    ``early_stop_threshold`` does, after the first iteration that lowers the objective by less
+    than ``tol`` (a fraction of it). Assignment uses ``||x||² − 2 x·c + ||c||²`` in row
+    chunks: one [chunk, k] block at a time.
     """
     x = x.float()
     n, d = x.shape
     g = torch.Generator().manual_seed(seed)
-    if init is None:
+    if init is not None:
+        c = init.to(x.device, torch.float32).clone()
+    elif seeding == "random":
         c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()  # [k, D]
     else:
-        c = init.to(x.device, torch.float32).clone()
+        c = _d2_seeding(x, k, g)
+    history: list[float] = []
     for _ in range(niter):
-        labels = assign_torch(x, c, chunk)
+        labels, total = _nearest(x, c, chunk)
+        history.append(total)
         sums = torch.zeros_like(c).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         empty = counts == 0
@@ -109,7 +125,39 @@ def kmeans_torch(
             eps = 1.0 / 1024
             c[j], c[big] = c[big] * (1 + eps), c[big] * (1 - eps)
             counts[j] = counts[big] = counts[big] / 2
-    return c
+        if len(history) > 1 and history[-2] - history[-1] < tol * history[-2]:
+            break
+    return c, history
+
+
+def _d2_seeding(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next centroid a point drawn with probability ∝ its squared
+    distance to the nearest centroid so far (uniform when every point sits on a centroid).
+    The draws come from ``g`` on the CPU, so CPU and CUDA pick the same points (up to float
+    rounding of the distances)."""
+    n = len(x)
+    picks = [int(torch.randint(n, (1,), generator=g))]
+    d2 = (x - x[picks[0]]).square().sum(1).double()
+    for _ in range(1, k):
+        cum = d2.cumsum(0)
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        total = float(cum[-1])
+        target = torch.full((1,), u * total, dtype=cum.dtype, device=x.device)
+        j = int(torch.searchsorted(cum, target)) if total > 0 else int(u * n)
+        picks.append(min(j, n - 1))
+        d2 = torch.minimum(d2, (x - x[picks[-1]]).square().sum(1).double())
+    return x[torch.tensor(picks, device=x.device)].clone()
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tensor, float]:
+    """Nearest centroid per row ``[n]`` and Σ of the squared distances (float64 sum)."""
+    c_sq = c.square().sum(dim=1)  # [k]
+    labels, total = [], 0.0
+    for xb in x.split(chunk):
+        dist, lab = torch.addmm(c_sq, xb, c.t(), alpha=-2.0).min(1)
+        labels.append(lab)
+        total += float((dist.double() + xb.double().square().sum(1)).clamp(min=0).sum())
+    return torch.cat(labels), total
 
 
 def assign_torch(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -121,32 +169,55 @@ def assign_torch(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.
 
 
 def kmeans(
-    x: torch.Tensor, k: int, niter: int = 25, seed: int = 0, backend: Backend = "auto"
+    x: torch.Tensor,
+    k: int,
+    niter: int = 25,
+    seed: int = 0,
+    backend: Backend = "auto",
+    seeding: Seeding = "random",
+    tol: float = 0.0,
 ) -> KMeansResult:
-    """Cluster all rows of ``x`` ([n, D]) into k clusters with ``niter`` Lloyd iterations.
+    """Cluster all rows of ``x`` ([n, D]) into k clusters with at most ``niter`` Lloyd
+    iterations, fewer when one lowers the objective by less than the fraction ``tol``.
 
     ``auto``: faiss-gpu when x is on CUDA and faiss sees a GPU, the torch fallback on CUDA
-    otherwise, faiss on the CPU for CPU tensors.
+    otherwise, faiss on the CPU for CPU tensors. ``seeding``: see :data:`Seeding`.
     """
     _check_not_in_loader_worker()
     _check_input(x, k, niter)
+    if not 0 <= tol < 1:
+        raise ValueError(f"k-means tol is a fraction of the objective in [0, 1), got {tol}")
     on_gpu = x.device.type == "cuda"
     if backend == "auto":
         backend = "faiss" if (not on_gpu or faiss_gpus() > 0) else "torch"
     if backend == "torch":
-        c = kmeans_torch(x, k, niter, seed)
-        name = f"torch-{x.device.type}"
+        c, history = kmeans_torch(x, k, niter, seed, seeding=seeding, tol=tol)
+        name, iterations = f"torch-{x.device.type}", len(history)
     else:
         faiss = _faiss()
         gpu = on_gpu and faiss_gpus() > 0
         xs = np.ascontiguousarray(x.detach().float().cpu().numpy())
         km = faiss.Kmeans(
-            x.shape[1], k, niter=niter, seed=seed, gpu=gpu, max_points_per_centroid=x.shape[0]
+            x.shape[1],
+            k,
+            niter=niter,
+            seed=seed,
+            gpu=gpu,
+            max_points_per_centroid=x.shape[0],
+            init_method=getattr(faiss, _FAISS_SEEDING[seeding]),
+            early_stop_threshold=tol,
         )
         km.train(xs)
         c = torch.from_numpy(km.centroids.copy())
-        name = "faiss-gpu" if gpu else "faiss-cpu"
-    return KMeansResult(c.float().cpu(), objective(x, c), name)
+        name, iterations = ("faiss-gpu" if gpu else "faiss-cpu"), len(km.obj)
+    return KMeansResult(c.float().cpu(), objective(x, c), name, iterations)
+
+
+_FAISS_SEEDING = {
+    "random": "ClusteringInitMethod_RANDOM",
+    "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
+    "afkmc2": "ClusteringInitMethod_AFK_MC2",
+}
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -185,10 +256,19 @@ def sample_pool(
 
 
 def distributed_centroids(
-    pool: torch.Tensor, runs: int, k: int, seed: int, niter: int, device: torch.device, group: Any
+    pool: torch.Tensor,
+    runs: int,
+    k: int,
+    seed: int,
+    niter: int,
+    device: torch.device,
+    group: Any,
+    seeding: Seeding = "random",
+    tol: float = 0.0,
 ) -> torch.Tensor:
     """``runs`` k-means solutions ``[runs, k, D]`` (seeds seed..seed+runs−1) computed on rank
-    0 (on ``device``: GPU when there is one) and broadcast to every rank of the group."""
+    0 (on ``device``: GPU when there is one) and broadcast to every rank of the group.
+    ``niter``, ``seeding``, ``tol``: as :func:`kmeans`."""
     if len(pool) < k:
         raise ValueError(
             f"k-means needs at least K={k} sampled features, got {len(pool)}: raise "
@@ -198,5 +278,6 @@ def distributed_centroids(
     if C.rank(group) == 0:
         x = pool.to(device)
         for t in range(runs):
-            centroids[t] = kmeans(x, k, niter=niter, seed=seed + t).centroids
+            res = kmeans(x, k, niter=niter, seed=seed + t, seeding=seeding, tol=tol)
+            centroids[t] = res.centroids
     return C.broadcast(centroids, 0, group)

@@ -18,7 +18,7 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.augment import normalize
-from selfclust.kmeans import assign, distributed_centroids, sample_pool
+from selfclust.kmeans import Seeding, assign, distributed_centroids, sample_pool
 from selfclust.sinkhorn import LinearLogits, sinkhorn_knopp
 
 
@@ -191,8 +191,11 @@ def kmeans_labels(
     group: Any = C.WORLD,
     init_heads: nn.ModuleList | None = None,
     niter: int = 25,
+    seeding: Seeding = "random",
+    tol: float = 0.0,
 ) -> torch.Tensor:
-    """Initial labels ``[T, n_r]`` by k-means (one run per head, seeds seed..seed+T−1).
+    """Initial labels ``[T, n_r]`` by k-means (one run per head, seeds seed..seed+T−1;
+    ``niter``, ``seeding``, ``tol`` as :func:`selfclust.kmeans.kmeans`).
 
     The sample is chosen by global index (a seeded permutation of 0..N-1, first ``samples``),
     so it is the same whatever the number of ranks; each rank sends only its part of it
@@ -205,7 +208,9 @@ def kmeans_labels(
     if l2_normalize:
         f = torch.nn.functional.normalize(f, dim=1)
     pool = sample_pool(f, emb.idx, num_samples, samples, seed, group)
-    centroids = distributed_centroids(pool, heads, clusters, seed, niter, f.device, group)
+    centroids = distributed_centroids(
+        pool, heads, clusters, seed, niter, f.device, group, seeding=seeding, tol=tol
+    )
     if init_heads is not None:
         norms = emb.features.float().norm(dim=1).sum().cpu()
         total = C.all_reduce_sum(torch.stack([norms, torch.tensor(float(len(f)))]), group)

@@ -321,6 +321,8 @@ class Trainer:
                 l2_normalize=not pixels,
                 init_heads=self.model.heads if m.kmeans_init_heads else None,
                 niter=m.kmeans_iters,
+                seeding=m.kmeans_seeding,
+                tol=m.kmeans_tol,
             )
             record["event"] = f"init_{m.init}"
         else:

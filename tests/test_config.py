@@ -45,6 +45,8 @@ def test_unknown_section(tmp_path):
         ("augment.crop_scale=[0.9,0.1]", "augment"),
         ("method.clusters=1", "method.clusters"),
         ("optim.epochs=abc", "optim.epochs"),
+        ("method.kmeans_seeding=kmeans||", "method.kmeans_seeding"),
+        ("method.kmeans_tol=1", "method.kmeans_tol"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.kmeans import distributed_centroids, objective, sample_pool
+from selfclust.kmeans import Seeding, distributed_centroids, objective, sample_pool
 from selfclust.methods.autoencoder import MLPAutoencoder
 
 
@@ -150,23 +150,35 @@ def kmeans_centroids(
     seed: int = 0,
     niter: int = 25,
     group: Any = C.WORLD,
+    seeding: Seeding = "random",
+    tol: float = 0.0,
 ) -> torch.Tensor:
     """Initial centroids ``[K, d]``: the best of ``restarts`` k-means runs (DEC: 20) by
-    k-means objective on a global sample of the embeddings.
+    k-means objective on a global sample of the embeddings (``niter``, ``seeding``, ``tol``
+    as :func:`selfclust.kmeans.kmeans`).
 
     The sample is picked by global index (:func:`selfclust.kmeans.sample_pool`), so the result
     does not depend on the number of ranks; rank 0 runs faiss and broadcasts the runs, and every
     rank scores them on the same pool, so all ranks pick the same one.
     """
     pool = sample_pool(embeddings.float(), idx, num_samples, samples, seed, group)
-    return best_centroids(pool, clusters, restarts, seed, niter, group)
+    return best_centroids(pool, clusters, restarts, seed, niter, group, seeding, tol)
 
 
 def best_centroids(
-    pool: torch.Tensor, clusters: int, restarts: int, seed: int, niter: int, group: Any = C.WORLD
+    pool: torch.Tensor,
+    clusters: int,
+    restarts: int,
+    seed: int,
+    niter: int,
+    group: Any = C.WORLD,
+    seeding: Seeding = "random",
+    tol: float = 0.0,
 ) -> torch.Tensor:
     """The best of ``restarts`` k-means runs on ``pool`` (the same on every rank) by objective:
     ``[K, d]``. Rank 0 runs faiss and broadcasts the runs; every rank scores them."""
-    runs = distributed_centroids(pool, restarts, clusters, seed, niter, pool.device, group)
+    runs = distributed_centroids(
+        pool, restarts, clusters, seed, niter, pool.device, group, seeding=seeding, tol=tol
+    )
     scores = [objective(pool, runs[r]) for r in range(restarts)]
     return runs[min(range(restarts), key=scores.__getitem__)].clone()
