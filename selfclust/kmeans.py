@@ -113,8 +113,9 @@ def kmeans_torch(
     else:
         c = _d2_seeding(x, k, g)
     history: list[float] = []
+    x_sq = x.double().square().sum(1)  # [n], for the objective
     for _ in range(niter):
-        labels, total = _nearest(x, c, chunk)
+        labels, total = _nearest(x, x_sq, c, chunk)
         history.append(total)
         sums = torch.zeros_like(c).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
@@ -149,15 +150,18 @@ def _d2_seeding(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     return x[torch.tensor(picks, device=x.device)].clone()
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int) -> tuple[torch.Tensor, float]:
-    """Nearest centroid per row ``[n]`` and Σ of the squared distances (float64 sum)."""
+def _nearest(
+    x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, float]:
+    """Nearest centroid per row ``[n]`` and Σ of the squared distances (``x_sq``: the rows'
+    squared norms, float64)."""
     c_sq = c.square().sum(dim=1)  # [k]
-    labels, total = [], 0.0
-    for xb in x.split(chunk):
+    labels, total = [], torch.zeros((), dtype=torch.float64, device=x.device)
+    for xb, sq in zip(x.split(chunk), x_sq.split(chunk), strict=True):
         dist, lab = torch.addmm(c_sq, xb, c.t(), alpha=-2.0).min(1)
         labels.append(lab)
-        total += float((dist.double() + xb.double().square().sum(1)).clamp(min=0).sum())
-    return torch.cat(labels), total
+        total += (dist.double() + sq).clamp(min=0).sum()
+    return torch.cat(labels), float(total)
 
 
 def assign_torch(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from selfclust import collectives as C
 from selfclust.kmeans import _check_not_in_loader_worker, _faiss, global_sample, sample_pool
+from selfclust.threads import keep_torch_threads
 
 Select = Literal["silhouette", "consensus"]  # how cluster_pool picks among candidates
 
@@ -78,15 +79,8 @@ def cluster_pool(
             "agreement of two partitions is the same for both"
         )
     log = logging.getLogger(__name__)
-    torch_threads = torch.get_num_threads()
-    try:
+    with keep_torch_threads():  # UMAP and pynndescent run on numba's OpenMP pool
         parts = _partitions(x, k, seed, neighbors, dim, restarts, candidates)
-    finally:
-        # numba's OpenMP pool (UMAP, pynndescent) can reset torch's thread count when it
-        # starts: the worker would then train on more threads than it was given after a
-        # manifold step, and a run resumed past one (a fresh process) would not match.
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
     if candidates == 1:
         return parts[0]
     if select == "consensus":

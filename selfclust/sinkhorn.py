@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from selfclust.collectives import all_reduce_max, all_reduce_sum
+from selfclust.threads import keep_torch_threads
 
 # Kernel entries below e^-50 of their row's max are set to exactly 0: float32 denormals (below
 # e^-87.3) make CPU arithmetic crawl. While the column scalings a stay within e^_ABSORB of each
@@ -81,12 +82,8 @@ def _numba_threads(t: torch.Tensor | LinearLogits) -> int:
         return 0
     from selfclust import sinkhorn_cpu  # numba: imported (and JIT-loaded) on first CPU use
 
-    torch_threads = torch.get_num_threads()
-    threads = sinkhorn_cpu.set_threads(torch_threads)
-    # numba's first launch of its OpenMP pool changes torch's thread count: put it back.
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    return threads
+    with keep_torch_threads():
+        return sinkhorn_cpu.set_threads(torch.get_num_threads())
 
 
 @dataclass

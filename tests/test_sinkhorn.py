@@ -17,6 +17,7 @@ import selfclust.sinkhorn as sk
 from selfclust import sinkhorn_cpu
 from selfclust.collectives import WORLD
 from selfclust.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
+from selfclust.threads import keep_torch_threads
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 
@@ -356,6 +357,17 @@ def test_fused_exp_within_two_ulp() -> None:
     got = torch.from_numpy(sinkhorn_cpu.exp_neg(x.numpy())).double()
     ulp = torch.from_numpy(np.spacing(ref.float().numpy())).double()
     assert ((got - ref).abs() / ulp).max() <= 2.0
+
+
+def test_keep_torch_threads_restores_the_count() -> None:
+    before = torch.get_num_threads()
+    with keep_torch_threads():
+        torch.set_num_threads(before + 1)  # what numba's OpenMP start can do
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), keep_torch_threads():
+        torch.set_num_threads(before + 2)
+        raise RuntimeError("the body failed")
+    assert torch.get_num_threads() == before
 
 
 def test_cpu_kernel_switch_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
