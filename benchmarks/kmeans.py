@@ -55,7 +55,8 @@ def mnist_features(n: int, d: int, seed: int) -> torch.Tensor:
         copies.append(torch.roll(img, shifts=(dy, dx), dims=(1, 2)))
     x = torch.cat(copies)[:n].flatten(1) / 255.0  # [n, 784]
     mean = img.flatten(1).mean(0) / 255.0
-    _, _, v = torch.pca_lowrank(img.flatten(1) / 255.0 - mean, q=min(d, 784), center=False)
+    # exact PCA (pca_lowrank draws from torch's global RNG: the data changed between runs)
+    v = torch.linalg.svd(img.flatten(1) / 255.0 - mean, full_matrices=False)[2].t()
     return ((x - mean) @ v[:, :d]).contiguous()
 
 
