@@ -43,9 +43,9 @@ def label_pass(rank: int, world: int, shard_dir: str) -> dict:
     )
     local, stats = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
     bank = gather_bank(local, emb.idx, s.num_samples)
-    init = gather_bank(
-        kmeans_labels(emb, 2, 10, 1000, seed=0, num_samples=s.num_samples), emb.idx, s.num_samples
-    )
+    # k-means++ start and the early stop (not the defaults): the same at any rank count too
+    km = kmeans_labels(emb, 2, 10, 1000, 0, s.num_samples, seeding="kmeans++", tol=1e-3)
+    init = gather_bank(km, emb.idx, s.num_samples)
     return {
         "bank": bank,
         "iters": stats.iterations,
