@@ -28,8 +28,8 @@ from selfclust import collectives as C
 Backend = Literal["auto", "faiss", "torch"]
 # Starting centroids: k distinct random points; k-means++ (D² sampling, Arthur & Vassilvitskii
 # 2007: k passes over the data); AFK-MC² (Bachem et al. 2016: k-means++ approximated by short
-# Markov chains, about 2 Lloyd iterations' time at 100k × 256 → 1000). The torch fallback
-# seeds both k-means++ kinds by exact D² sampling.
+# Markov chains: ~0.4 s, 1.5 Lloyd iterations' time, at 100k × 256 → 1000 against ~1.7 s for
+# k-means++ on 2 cores). The torch fallback seeds both k-means++ kinds by exact D² sampling.
 Seeding = Literal["random", "kmeans++", "afkmc2"]
 
 
