@@ -106,8 +106,8 @@ class MethodRunner:
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, self.cfg.seed, C.WORLD)
         if m.cluster_init == "kmeans":
             mu = dec.best_centroids(pool, m.clusters, m.kmeans_restarts, self.cfg.seed,
-                                    m.kmeans_iters, C.WORLD, m.kmeans_seeding,
-                                    m.kmeans_tol)  # fmt: skip
+                                    m.kmeans_iters, seeding=m.kmeans_seeding,
+                                    tol=m.kmeans_tol)  # fmt: skip
             return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
         labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
                              m.manifold_dim, m.manifold_restarts, m.manifold_init_candidates,
