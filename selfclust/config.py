@@ -144,6 +144,11 @@ class MethodConfig(_Section):
     conv_channels: list[int] = Field(default_factory=lambda: [50, 50], min_length=1)
     conv_kernels: list[int] = Field(default_factory=lambda: [4, 5], min_length=1)
     noise_dropout: float = Field(0.1, ge=0, lt=1, description="DEPICT: noisy-path dropout")
+    # DEPICT, clustering phase: the noisy path's input is also a random crop / rotation of the
+    # image (the `augment` section, per sample and epoch; set it for the data: digits want no
+    # flips and no colour jitter); the clean path, its targets and the reconstruction targets
+    # stay the plain image, so the embedding learns to ignore the transformation.
+    noise_augment: bool = Field(False, description="DEPICT: augment the noisy path's input")
     # DEPICT's target q ∝ (p / √Σp)^a: a = 1 is the paper's eq. 7, which does not sharpen and
     # drifts to soft predictions; 2 (p² / Σp) is the authors' released code.
     target_power: float = Field(2.0, gt=0, description="DEPICT: target exponent a")
@@ -205,6 +210,11 @@ class MethodConfig(_Section):
             raise ValueError(
                 f"method.manifold_relabels is for sela and depict (hard targets); {self.name}'s "
                 "targets are soft by its paper: set method.manifold_relabels=0"
+            )
+        if self.noise_augment and self.name != "depict":
+            raise ValueError(
+                f"method.noise_augment augments DEPICT's noisy path; {self.name} has none: "
+                "set method.noise_augment=false"
             )
         if self.name != "sela":
             if self.heads != 1:
@@ -322,6 +332,12 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        if self.method.name != "sela" and self.augment.where == "loader":
+            raise ValueError(
+                f"augment.where=loader crops in the loader workers for SeLa; method.name="
+                f"{self.method.name} needs the plain images (DEPICT's method.noise_augment "
+                "augments on the device): set augment.where=device"
+            )
         workers = max(1, self.trainer.num_workers)
         if self.optim.batch_size % workers:
             raise ValueError(

@@ -372,12 +372,19 @@ class Trainer:
         assert self.runner is not None and isinstance(self.model, ClusterNet)
         # Dropout noise and DGG's z samples from a per-(step, rank) seed: exact on resume.
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.pos.global_step) * 1009 + self.ctx.rank)
-        x = self.model.inputs(images.to(self.ctx.device, non_blocking=True), self.size)
+        images = images.to(self.ctx.device, non_blocking=True)
+        x = self.model.inputs(images, self.size)
         if self.pos.phase == "pretrain":
             out = self.runner.pretrain_loss(x)
         else:
             labels = self.bank.lookup(idx)[0].to(self.ctx.device, non_blocking=True)
-            out = self.runner.cluster_loss(x, idx, labels)
+            noisy = None
+            if self.cfg.method.noise_augment:  # DEPICT: an augmented view for the noisy path
+                cfg = self.cfg
+                noisy = self.model.augmented_inputs(
+                    images, idx, cfg.augment, cfg.seed, self.pos.epoch, self.size
+                )
+            out = self.runner.cluster_loss(x, idx, labels, noisy)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self._average_gradients()

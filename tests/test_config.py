@@ -140,6 +140,14 @@ MANIFOLD = ["method.cluster_init=manifold"]
             ],
             ["SeLa's", "method.cluster_init=manifold"],
         ),  # fmt: skip
+        (
+            ["method.name=dec", "method.heads=1", "method.noise_augment=true"],
+            ["DEPICT's noisy path", "method.noise_augment=false"],
+        ),
+        (
+            ["method.name=depict", "method.heads=1", "augment.where=loader"],
+            ["method.name=depict", "augment.where=device"],
+        ),
     ],
 )
 def test_method_configs_are_validated(overrides, words):

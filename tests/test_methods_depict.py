@@ -180,3 +180,51 @@ def test_signed_pixels_and_bounded_decoder() -> None:
     assert float(out.reconstructions[0].detach().abs().max()) < 1  # tanh on ẑ⁰
     unit = build_cluster_net(load_config(None, ["method.name=depict", "method.heads=1"]), 1, 28)
     assert not unit.net.ae.bounded_output  # [0, 1] and standardised pixels: a linear ẑ⁰
+
+
+def test_noisy_input_feeds_only_the_noisy_path() -> None:
+    """``net(x, noisy_input)``: the noisy encoder (and so the predictions and the decoder's
+    code) reads the augmented input; the clean layers, the targets' logits and what the
+    decoder must reconstruct stay those of ``x``."""
+    torch.manual_seed(0)
+    net = D.DEPICTNet(D.ConvAutoencoder(1, 16, dropout=0.0), clusters=10)
+    x, other = torch.rand(2, 4, 1, 16, 16)
+    out = net(x, other)
+    plain = net(x)
+    assert torch.equal(out.clean_logits, plain.clean_logits)
+    for z, z_plain in zip(out.clean, plain.clean, strict=True):
+        assert torch.equal(z, z_plain)
+    assert torch.allclose(out.noisy_logits, net.clean_logits(other))  # dropout 0: same path
+    code = net.ae.encode(other, noisy=False)[-1]
+    for r, r_other in zip(out.reconstructions, net.ae.decode(code), strict=True):
+        assert torch.allclose(r, r_other)
+    assert not torch.allclose(out.noisy_logits, plain.noisy_logits)
+
+
+@pytest.mark.parametrize("pixels", ["unit", "signed", "standardized"])
+def test_augmented_inputs_in_the_nets_pixel_convention(pixels: str) -> None:
+    """method.noise_augment's view: with an identity transformation it is exactly what
+    ``inputs`` gives the clean path, in each pixel convention; with a rotation it differs,
+    and depends only on (seed, epoch, sample index), not on the batch it comes in."""
+    from selfclust.config import AugmentConfig, load_config
+    from selfclust.methods.nets import build_cluster_net
+
+    cfg = load_config(None, ["method.name=depict", "method.heads=1", f"method.pixels={pixels}"])
+    net = build_cluster_net(cfg, 1, 8)
+    d = np.load(DIGITS)
+    images = torch.from_numpy((d["x"][:32].astype(np.int64) * 255 // 16).astype(np.uint8))
+    images = images.reshape(-1, 1, 8, 8)
+    idx = torch.arange(100, 132)
+    off = dict(hflip=0, brightness=0, contrast=0, saturation=0, jitter_p=0, grayscale=0)
+    same = AugmentConfig(crop_scale=(1, 1), crop_ratio=(1, 1), **off)
+    torch.testing.assert_close(
+        net.augmented_inputs(images, idx, same, 0, 0), net.inputs(images), atol=1e-5, rtol=0
+    )
+    turn = AugmentConfig(crop_scale=(0.8, 1), crop_ratio=(0.9, 1.1), rotation=15, **off)
+    view = net.augmented_inputs(images, idx, turn, 0, 3)
+    assert (view - net.inputs(images)).abs().amax(dim=(1, 2, 3)).min() > 0.01
+    lo, hi = {"unit": (0, 1), "signed": (-1, 1), "standardized": (-2, 2)}[pixels]
+    assert float(view.min()) >= lo - 1e-6 and float(view.max()) <= hi + 1e-6
+    part = net.augmented_inputs(images[5:9], idx[5:9], turn, 0, 3)
+    torch.testing.assert_close(part, view[5:9])
+    assert not torch.allclose(net.augmented_inputs(images, idx, turn, 0, 4), view)

@@ -6,7 +6,8 @@
   ranks at the same step, and a run resumed from the stop is finished at once;
 * exact resume across the pretrain → cluster boundary and from mid-clustering (DGG: the most
   state — neighbour table, teacher, per-rank posteriors rebuilt from the teacher), and on
-  either side of DEPICT's manifold refresh (UMAP + GMM targets redone in a new process);
+  either side of DEPICT's manifold refresh (UMAP + GMM targets redone in a new process; with
+  the noisy path's augmentation on);
 * one short run per method that beats raw-pixel k-means on sklearn digits.
 """
 
@@ -38,6 +39,16 @@ TINY = {
     "depict": ["method.conv_channels=[8,8]", "optim.name=adam", "optim.lr=1e-3"],
     "dgg": ["method.hidden=[32,32]", "optim.name=adam", "optim.lr=1e-3", "method.knn_k=5"],
 }
+# DEPICT's noisy-path augmentation for digits: small crops and rotations, no flips or colour.
+DIGIT_AUGMENT = [
+    "method.noise_augment=true",
+    "augment.crop_scale=[0.8,1.0]",
+    "augment.crop_ratio=[0.9,1.1]",
+    "augment.rotation=10",
+    "augment.hflip=0",
+    "augment.jitter_p=0",
+    "augment.grayscale=0",
+]
 # Short recipes that train (the papers' shapes, narrower for 8x8 images and CI time).
 RECIPES = {
     "dec": ["method.hidden=[256,256,512]", "optim.lr=0.01"],
@@ -158,6 +169,7 @@ def test_dgg_and_depict_resume_exactly(digits, tmp_path: Path) -> None:
             *common,
             "method.manifold_relabels=1",
             "method.manifold_neighbors=15",
+            *DIGIT_AUGMENT,  # per (seed, epoch, sample): the same views after a resume
         ],
     }
     full = run_ranks(run_methods, 2, tmp_path / "full", shards, str(tmp_path / "full"), runs)

@@ -138,8 +138,11 @@ class DEPICTNet(nn.Module):
         self.ae = autoencoder
         self.head = nn.Linear(autoencoder.embed_dim, clusters)
 
-    def forward(self, x: torch.Tensor) -> DEPICTOutput:
-        noisy = self.ae.encode(x, noisy=True)
+    def forward(self, x: torch.Tensor, noisy_input: torch.Tensor | None = None) -> DEPICTOutput:
+        """All pathways on ``x``; with ``noisy_input`` (e.g. an augmented ``x``, same shape)
+        the noisy encoder reads that instead, and the decoder still reconstructs ``x``'s clean
+        layers from its code."""
+        noisy = self.ae.encode(x if noisy_input is None else noisy_input, noisy=True)
         clean = self.ae.encode(x, noisy=False)
         recon = self.ae.decode(noisy[-1])
         return DEPICTOutput(self.head(noisy[-1]), self.head(clean[-1]), clean, recon)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfclust.augment import normalize
-from selfclust.config import RunConfig
+from selfclust.augment import augment, normalize
+from selfclust.config import AugmentConfig, RunConfig
 from selfclust.methods.autoencoder import MLPAutoencoder
 from selfclust.methods.dec import DECNet
 from selfclust.methods.depict import ConvAutoencoder, DEPICTNet
@@ -48,6 +48,22 @@ class ClusterNet(nn.Module):
         if self.pixels == "standardized":
             return normalize(images, size)
         return self._from_unit(unit_pixels(images, size))
+
+    def augmented_inputs(
+        self,
+        images: torch.Tensor,
+        idx: torch.Tensor,
+        cfg: AugmentConfig,
+        seed: int,
+        epoch: int,
+        size: int | None = None,
+    ) -> torch.Tensor:
+        """:func:`selfclust.augment.augment` of uint8 images (random per sample and epoch,
+        standardised) in this net's pixel convention, as :meth:`inputs` gives it."""
+        x = augment(images, idx, cfg, seed, epoch, size)
+        if self.pixels == "standardized":
+            return x
+        return self._from_unit(x.mul_(_STD).add_(_MEAN).clamp_(0.0, 1.0))
 
     def _from_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] → this net's range ([-1, 1] for ``signed``), in place."""

@@ -87,7 +87,15 @@ class MethodRunner:
     def pretrain_loss(self, x: torch.Tensor) -> Losses:
         raise NotImplementedError
 
-    def cluster_loss(self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> Losses:
+    def cluster_loss(
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        labels: torch.Tensor,
+        noisy: torch.Tensor | None = None,
+    ) -> Losses:
+        """Clustering-phase loss of a batch; ``noisy`` is DEPICT's augmented noisy-path input
+        (``method.noise_augment``), None otherwise."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ label passes
@@ -178,7 +186,13 @@ class DECRunner(MethodRunner):
         assert isinstance(model, DECModel)
         return model.net
 
-    def cluster_loss(self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> Losses:
+    def cluster_loss(
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        labels: torch.Tensor,
+        noisy: torch.Tensor | None = None,
+    ) -> Losses:
         net = self._net(self.model)
         log_q = net.clustering(net.ae.encode(x))
         if self.m.target == "snapshot":
@@ -248,10 +262,16 @@ class DEPICTRunner(MethodRunner):
         rec = depict.depict_loss(out, zeros, self.m.recon_hidden_weight).reconstruction
         return {"loss": rec, "reconstruction": rec.detach()}
 
-    def cluster_loss(self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> Losses:
+    def cluster_loss(
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        labels: torch.Tensor,
+        noisy: torch.Tensor | None = None,
+    ) -> Losses:
         net = self._net(self.model)
         net.ae.dropout = self.m.noise_dropout
-        out = net(x)
+        out = net(x, noisy)
         if self.hard:
             target = F.one_hot(labels, self.m.clusters).double()
         else:
@@ -341,7 +361,13 @@ class DGGRunner(MethodRunner):
         rec = F.mse_loss(net.decoder(net.encode(x)[0]), x.flatten(1))
         return {"loss": rec, "reconstruction": rec.detach()}
 
-    def cluster_loss(self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> Losses:
+    def cluster_loss(
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        labels: torch.Tensor,
+        noisy: torch.Tensor | None = None,
+    ) -> Losses:
         model = self._model(self.model)
         out = model.net(x)
         log_gamma = F.log_softmax(out.posterior_logits.float(), 1)
