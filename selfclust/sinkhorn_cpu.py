@@ -20,12 +20,14 @@ libgomp) is separate from torch's; its first launch resets torch's thread count,
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # float32 column sums cover at most this many rows before going into the float64 totals.
@@ -36,6 +38,73 @@ _FM_SWEEP = {"reassoc", "contract", "nsz"}
 # The kernel build may also assume no NaN: the logits were checked finite before, and
 # λ (z − max z) + log α₀ is then finite or −inf (overflow), never NaN.
 _FM_BUILD = {"nnan", "reassoc", "contract", "nsz"}
+
+
+# MXCSR bits: flush denormal results to zero (FTZ, 0x8000), read denormal inputs as zero
+# (DAZ, 0x40). Only x86 has MXCSR; elsewhere the kernels run with the FP mode they find.
+_FTZ_DAZ = 0x8040
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+@intrinsic
+def _mxcsr(typingctx: Any, flush: Any) -> Any:
+    """x86: returns this thread's MXCSR, and with ``flush`` set turns on FTZ and DAZ;
+    ``_mxcsr_restore`` puts a saved value back. A no-op (returns 0) elsewhere.
+
+    Why: the spread of column scalings the kernels allow (see :mod:`selfclust.sinkhorn`) makes
+    products ``P_ik a_k`` of ~e^-150 common. Their exact value is irrelevant (they are < e^-20
+    of their row's mass), but on Intel cores each vector op with a denormal or underflowing
+    result takes a microcode assist of ~100 cycles unless FTZ is on. numba sets no FP mode
+    itself, and the threads are numba's, so each parallel task sets and restores its own.
+    """
+    sig = types.int32(types.boolean)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        if not _X86:
+            return ir.Constant(i32, 0)
+        ptr_t = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [ptr_t])
+        store = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.stmxcsr")
+        load = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
+        slot = cgutils.alloca_once(builder, i32)
+        builder.call(store, [builder.bitcast(slot, ptr_t)])
+        old = builder.load(slot)
+        with builder.if_then(args[0]):
+            builder.store(builder.or_(old, ir.Constant(i32, _FTZ_DAZ)), slot)
+            builder.call(load, [builder.bitcast(slot, ptr_t)])
+        return old
+
+    return sig, codegen
+
+
+@intrinsic
+def _mxcsr_restore(typingctx: Any, saved: Any) -> Any:
+    """Sets MXCSR to ``saved`` (a value from ``_mxcsr``); a no-op off x86."""
+    sig = types.none(types.int32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        if _X86:
+            i32, ptr_t = ir.IntType(32), ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(ir.VoidType(), [ptr_t])
+            load = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
+            slot = cgutils.alloca_once(builder, i32)
+            builder.store(args[0], slot)
+            builder.call(load, [builder.bitcast(slot, ptr_t)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def flushed_product(x, y):  # type: ignore[no-untyped-def]
+    """``(x * y, MXCSR before, inside, after)``: the product as the kernels compute it, with
+    FTZ/DAZ on (for the test: a denormal product reads 0 on x86; MXCSR reads 0 elsewhere)."""
+    saved = _mxcsr(True)
+    out = x * y
+    inside = _mxcsr(False)
+    _mxcsr_restore(saved)
+    return out, saved, inside, _mxcsr(False)
 
 
 def set_threads(n: int) -> int:
@@ -134,23 +203,25 @@ def exp_neg(x: Any) -> Any:
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FM_BUILD)
-def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, b, b_ex, tasks):  # type: ignore[no-untyped-def]
+def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, a, b, b_ex, tasks):  # type: ignore[no-untyped-def]
     """``out = exp(s − M)`` with ``s = λ (z − z_max) + log α₀`` and ``M_i = max_k s_ik``,
     entries with ``s − M ≤ log_p_min`` set to exactly 0; writes ``m = M``. One pass: each
     row of z is read once and its s stays in L1 for the max and the exp.
 
-    The first sweep on a new kernel (``a = 1``, ω = 1, with check) is done in the same pass:
-    ``b = b_ex = inv_n / row sums``; returns its column sums [2, K] float64 as :func:`sweep`.
+    The first sweep on a new kernel (column scaling ``a`` [K] float32, ω = 1, with check) is
+    done in the same pass: ``b = b_ex = inv_n / (P @ a)``; returns its column sums [2, K]
+    float64 as :func:`sweep`.
 
     z [n, K] float32/float64, z_max [n] float32, log_alpha0 [K] float32, out [n, K] float32.
     """
     n, k = z.shape
     lamf = np.float32(lam)
     lo = np.float32(log_p_min)
-    floor = np.float32(log_p_min - 10.0)  # keeps _exp_neg's argument in range
+    floor = np.float32(max(log_p_min - 10.0, -87.0))  # keeps _exp_neg's argument in range
     inv = np.float32(inv_n)
     totals = np.zeros((tasks, k), np.float64)
     for t in prange(tasks):
+        saved = _mxcsr(True)
         lo_i, hi_i = t * n // tasks, (t + 1) * n // tasks
         c = np.zeros(k, np.float32)
         for start in range(lo_i, hi_i, _FLUSH):
@@ -164,8 +235,8 @@ def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, b, b_ex, t
                     e = _exp_neg(d)
                     e = e if d > lo else np.float32(0.0)
                     oi[j] = e
-                    row_sum += e
-                e = inv / row_sum  # the row max is exactly 1: row_sum ≥ 1
+                    row_sum += e * a[j]
+                e = inv / row_sum  # row max 1 and a ≥ e^-73: no overflow
                 b[i] = e
                 b_ex[i] = e
                 for j in range(k):
@@ -173,6 +244,7 @@ def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, b, b_ex, t
             for j in range(k):
                 totals[t, j] += c[j]
                 c[j] = 0.0
+        _mxcsr_restore(saved)
     cols = np.zeros((2, k), np.float64)
     for t in range(tasks):
         cols[0] += totals[t]
@@ -193,6 +265,7 @@ def sweep(p, a, b, b_ex, inv_n, omega, check, tasks):  # type: ignore[no-untyped
     relax = omega != 1.0
     both = check and relax  # with ω = 1, b = e and the two sums coincide
     for t in prange(tasks):
+        saved = _mxcsr(True)
         lo, hi = t * n // tasks, (t + 1) * n // tasks
         c0 = np.zeros(k, np.float32)
         c1 = np.zeros(k, np.float32)
@@ -219,6 +292,7 @@ def sweep(p, a, b, b_ex, inv_n, omega, check, tasks):  # type: ignore[no-untyped
                 totals[t, 1, j] += c1[j]
                 c0[j] = 0.0
                 c1[j] = 0.0
+        _mxcsr_restore(saved)
     c = np.zeros((2, k), np.float64)
     for t in range(tasks):
         c += totals[t]
@@ -233,6 +307,7 @@ def scaled_argmax(p, a, tasks):  # type: ignore[no-untyped-def]
     n, k = p.shape
     out = np.zeros(n, np.int64)
     for t in prange(tasks):
+        saved = _mxcsr(True)
         for i in range(t * n // tasks, (t + 1) * n // tasks):
             row = p[i]
             zero = np.float32(0.0)
@@ -241,6 +316,7 @@ def scaled_argmax(p, a, tasks):  # type: ignore[no-untyped-def]
             while arg < k - 1 and row[arg] * a[arg] != best:
                 arg += 1
             out[i] = arg
+        _mxcsr_restore(saved)
     return out
 
 

@@ -180,8 +180,12 @@ def test_near_uniform_logits_are_finite_and_balanced() -> None:
     assert ((sizes - n / k).abs() < 0.1 * n / k).all()
 
 
+@pytest.mark.parametrize("ahead", [0.0, sk._AHEAD])  # kernels built for where a is heading
 @pytest.mark.parametrize("lam", [25.0, 50.0])
-def test_peaked_logits_still_give_equal_clusters(lam: float) -> None:
+def test_peaked_logits_still_give_equal_clusters(
+    lam: float, ahead: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sk, "_AHEAD", ahead)
     n, k = 5000, 20
     z = peaked_logits(n, k, seed=4)
     # Float32 exp(λ (z − max)) of cluster K-1 underflows for every row (λ·20 ≫ 87).
@@ -275,12 +279,14 @@ def test_numba_kernels_match_torch(n: int) -> None:
         la0 = torch.linspace(-3.0, 0.0, k, dtype=torch.float64)
         (p_t, m_t), (p_n, m_n) = _both_kernels(z, la0)
         assert torch.equal(m_t, m_n)
-        assert torch.equal(p_t > 0, p_n > 0)  # same entries dropped below e^-50
+        assert torch.equal(p_t > 0, p_n > 0)  # same entries dropped below e^-87
         assert torch.allclose(p_n, p_t, rtol=4e-7, atol=0.0)
-        # The fused build also does the first sweep on the new kernel (a = 1, ω = 1, check).
+        # The fused build also does the first sweep on the new kernel (given a, ω = 1, check).
         b_f, ex_f, b_s, ex_s = (torch.zeros(rows) for _ in range(4))
-        _, _, c_f = sk._build_kernel(z, z.amax(1), 25.0, la0, None, 3, (b_f, ex_f, 1 / 2000))
-        c_s = sk._sweep(p_n, torch.ones(k), b_s, ex_s, 1 / 2000, 1.0, True, 3)
+        a1 = torch.linspace(-60.0, 0.0, k).exp()
+        built = sk._build_kernel(z, z.amax(1), 25.0, la0, None, 3, (b_f, ex_f, 1 / 2000, a1))
+        c_f = built[2]
+        c_s = sk._sweep(p_n, a1, b_s, ex_s, 1 / 2000, 1.0, True, 3)
         assert c_f is not None and torch.allclose(c_f, c_s, rtol=1e-6, atol=0.0)
         assert torch.allclose(b_f, b_s, rtol=1e-6, atol=0.0) and torch.equal(b_f, ex_f)
         a = torch.rand(k, generator=torch.Generator().manual_seed(rows)) * 0.9 + 0.1
@@ -357,6 +363,19 @@ def test_fused_exp_within_two_ulp() -> None:
     got = torch.from_numpy(sinkhorn_cpu.exp_neg(x.numpy())).double()
     ulp = torch.from_numpy(np.spacing(ref.float().numpy())).double()
     assert ((got - ref).abs() / ulp).max() <= 2.0
+
+
+def test_fused_kernels_flush_denormals_and_restore_the_fp_mode() -> None:
+    from selfclust import sinkhorn_cpu
+
+    tiny = np.float32(1e-20)  # 1e-40 is a float32 denormal
+    product, before, inside, after = sinkhorn_cpu.flushed_product(tiny, tiny)
+    if sinkhorn_cpu._X86:
+        assert product == 0.0 and inside & 0x8040 == 0x8040  # FTZ and DAZ on inside
+        assert after == before  # restored: torch, numpy, UMAP see the mode they set
+    else:
+        assert product > 0.0 and before == inside == after == 0
+    assert np.float32(tiny) * tiny > 0.0  # this thread still computes denormals
 
 
 def test_keep_torch_threads_restores_the_count() -> None:
