@@ -458,7 +458,7 @@ def sinkhorn_knopp(
         # Rows (local): b_ex_i = (1/N) / Σ_k P_ik a_k; P's row max is 1 and a ≥ e^-73: finite.
         # Columns: c_k = Σ_i b_i P_ik over all ranks — the one all_reduce (K numbers; 2K on
         # checks, whose second row holds the exact-row column sums that the error needs).
-        if c_first is not None:  # done by the build (fresh: a = 1, w = 1, check)
+        if c_first is not None:  # done by the build (fresh: the a it was given, w = 1, check)
             c, c_first = c_first, None
         else:
             c = _sweep(p, a, b, b_ex, inv_n, w, check, threads)  # [2, K] f32 or f64

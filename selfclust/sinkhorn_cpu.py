@@ -53,9 +53,9 @@ def _mxcsr(typingctx: Any, flush: Any) -> Any:
 
     Why: the spread of column scalings the kernels allow (see :mod:`selfclust.sinkhorn`) makes
     products ``P_ik a_k`` of ~e^-150 common. Their exact value is irrelevant (they are < e^-20
-    of their row's mass), but on Intel cores each vector op with a denormal or underflowing
-    result takes a microcode assist of ~100 cycles unless FTZ is on. numba sets no FP mode
-    itself, and the threads are numba's, so each parallel task sets and restores its own.
+    of their row's mass), but on Intel cores an op with a denormal or underflowing result can
+    take a microcode assist (~100+ cycles) unless FTZ is on. numba sets no FP mode itself, and
+    the threads are numba's, so each parallel task sets and restores its own.
     """
     sig = types.int32(types.boolean)
 
