@@ -6,6 +6,7 @@ and 2 gloo ranks vs 1, all measured in one run.
     python benchmarks/sinkhorn.py --n 20000 --k 500    # quicker
     python benchmarks/sinkhorn.py --gpu                # ImageNet size: N=1.28M, K=3000, 10 heads
     python benchmarks/sinkhorn.py --recompute 512      # stored vs recomputed logits (D=512)
+    python benchmarks/sinkhorn.py --sets --threads 1   # 7 logit sets: iterations, kernel builds
 
 ``--recompute D``: a linear head on D-dimensional mixture features, solved with its logits
 stored (``head_logits``) and recomputed from the features (:class:`LinearLogits`), each in a
@@ -338,6 +339,54 @@ def recompute_main(args: argparse.Namespace) -> None:
         )
 
 
+def sets_main(args: argparse.Namespace) -> None:
+    """Several logit sets, one after the other: seconds (best of ``--repeat``), iterations and
+    kernel builds (the first one and each absorption's) at ``--check-every``."""
+    digits = Path(__file__).resolve().parents[2] / "shared" / "data" / "sklearn_digits"
+
+    def confident_digits() -> torch.Tensor:  # −||x − μ_c||² / 200 to the 10 class means
+        d = np.load(digits / "sklearn_digits.npz")
+        x = torch.from_numpy(d["x"].reshape(len(d["x"]), -1)).double()
+        y = torch.from_numpy(d["y"]).long()
+        mu = torch.stack([x[y == c].mean(0) for c in range(10)])
+        return (-torch.cdist(x, mu).square() / 200).float()
+
+    sets = [  # (name, λ, logits)
+        ("100k × 1000, margin 3", 25.0, lambda: simulated_logits(100_000, 1000, 1000, 3.0, 0)),
+        ("the same", 50.0, lambda: simulated_logits(100_000, 1000, 1000, 3.0, 0)),
+        ("100k × 1000, margin 1.5", 25.0, lambda: simulated_logits(100_000, 1000, 1000, 1.5, 1)),
+        ("50k × 300, margin 5", 25.0, lambda: simulated_logits(50_000, 300, 300, 5.0, 2)),
+        ("60k × 3000, margin 3", 25.0, lambda: simulated_logits(60_000, 3000, 3000, 3.0, 3)),
+        ("sklearn digits (1,797 × 10)", 25.0, confident_digits),
+        ("the same", 50.0, confident_digits),
+    ]
+    builds = [0]
+    build_blocks = sk._build_blocks
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        builds[0] += 1
+        return build_blocks(*a, **kw)
+
+    sk._build_blocks = counted  # count the kernel builds; the solver is otherwise untouched
+    load = os.getloadavg()[0]
+    print(f"{args.threads} thread(s), check every {args.check_every}, load {load:.2f}")
+    print("\n| logits | λ | seconds | iterations | kernel builds | column error |")
+    print("|---|---|---|---|---|---|")
+    for name, lam, make in sets:
+        z = make()
+        sinkhorn_knopp(z[: max(2000, 2 * z.shape[1])], lam)  # warm-up (numba kernels)
+        best, res = math.inf, None
+        for _ in range(args.repeat):
+            builds[0] = 0
+            t = time.perf_counter()
+            res = sinkhorn_knopp(z, lam, check_every=args.check_every)
+            best = min(best, time.perf_counter() - t)
+        assert res is not None
+        row = f"| {name} | {lam:g} | {best:.2f} | {res.iterations} | {builds[0]} "
+        print(row + f"| {res.error:.1e} |")
+    sk._build_blocks = build_blocks
+
+
 def gpu_main(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device (none found)")
@@ -396,7 +445,13 @@ def main() -> None:
     ap.add_argument(
         "--recompute", type=int, default=0, metavar="D", help="stored vs recomputed logits"
     )
+    ap.add_argument("--sets", action="store_true", help="several logit sets: iterations, builds")
+    ap.add_argument("--check-every", type=int, default=1, help="--sets: convergence test interval")
     args = ap.parse_args()
+    if args.sets:
+        torch.set_num_threads(args.threads)
+        sets_main(args)
+        return
     if args.gpu:
         args.classes = args.classes or args.k or 3000
         gpu_main(args)
