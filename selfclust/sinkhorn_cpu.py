@@ -46,6 +46,14 @@ _FTZ_DAZ = 0x8040
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def _mxcsr_op(builder: Any, name: str, slot: Any) -> None:
+    """Emits ``llvm.x86.sse.<name>`` (``stmxcsr``: MXCSR into ``slot``, ``ldmxcsr``: back)."""
+    ptr_t = ir.IntType(8).as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [ptr_t])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.x86.sse.{name}")
+    builder.call(fn, [builder.bitcast(slot, ptr_t)])
+
+
 @intrinsic
 def _mxcsr(typingctx: Any, flush: Any) -> Any:
     """x86: returns this thread's MXCSR, and with ``flush`` set turns on FTZ and DAZ;
@@ -63,16 +71,12 @@ def _mxcsr(typingctx: Any, flush: Any) -> Any:
         i32 = ir.IntType(32)
         if not _X86:
             return ir.Constant(i32, 0)
-        ptr_t = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [ptr_t])
-        store = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.stmxcsr")
-        load = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
         slot = cgutils.alloca_once(builder, i32)
-        builder.call(store, [builder.bitcast(slot, ptr_t)])
+        _mxcsr_op(builder, "stmxcsr", slot)
         old = builder.load(slot)
         with builder.if_then(args[0]):
             builder.store(builder.or_(old, ir.Constant(i32, _FTZ_DAZ)), slot)
-            builder.call(load, [builder.bitcast(slot, ptr_t)])
+            _mxcsr_op(builder, "ldmxcsr", slot)
         return old
 
     return sig, codegen
@@ -85,12 +89,9 @@ def _mxcsr_restore(typingctx: Any, saved: Any) -> Any:
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         if _X86:
-            i32, ptr_t = ir.IntType(32), ir.IntType(8).as_pointer()
-            fnty = ir.FunctionType(ir.VoidType(), [ptr_t])
-            load = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
-            slot = cgutils.alloca_once(builder, i32)
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
             builder.store(args[0], slot)
-            builder.call(load, [builder.bitcast(slot, ptr_t)])
+            _mxcsr_op(builder, "ldmxcsr", slot)
         return context.get_dummy_value()
 
     return sig, codegen
