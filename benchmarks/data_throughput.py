@@ -9,7 +9,7 @@ number of loader workers and batch size, and end with the augmented, standardise
 * ``shards/device``: selfclust's default; workers decode, the batch is augmented at once
   (here on the CPU in the main process; on a GPU in training);
 * ``shards/loader``: ``augment.where=loader``; workers decode, crop and jitter
-  (:class:`selfclust.augment.LoaderAugment`), the main process standardises.
+  (:class:`selfclust.data.augment.LoaderAugment`), the main process standardises.
 
 Each case runs one shuffled epoch ``--repeats`` times, interleaved, from worker start to the
 last batch; the table shows the median and the ratio to ImageFolder.
@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from selfclust.augment import augment, normalize
 from selfclust.config import AugmentConfig
-from selfclust.data import ShardSet, train_batches
-from selfclust.shards import write_shards
+from selfclust.data.augment import augment, normalize
+from selfclust.data.streams import ShardSet, train_batches
+from selfclust.shards.write import write_shards
 
 ZIP = Path(__file__).parents[2] / "shared" / "data" / "cifar10_test_jpeg" / "cifar10_test_jpeg.zip"
 CFG = AugmentConfig()  # SeLa's: crop scale 0.2-1, flip 0.5, jitter 0.4 (p 0.8), grayscale 0.2

@@ -54,12 +54,12 @@ if __name__ == "__main__":
     require_gpu()  # before importing selfclust (ray, torchvision: seconds) so no GPU fails fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfclust.augment import augment  # noqa: E402
 from selfclust.config import build_config  # noqa: E402
-from selfclust.data import train_batches  # noqa: E402
-from selfclust.labelling import random_bank  # noqa: E402
-from selfclust.shards import write_shards  # noqa: E402
-from selfclust.train import Trainer, WorkerContext  # noqa: E402
+from selfclust.data.augment import augment  # noqa: E402
+from selfclust.data.streams import train_batches  # noqa: E402
+from selfclust.labels.label_pass import random_bank  # noqa: E402
+from selfclust.shards.write import write_shards  # noqa: E402
+from selfclust.train.loop import Trainer, WorkerContext  # noqa: E402
 
 CIFAR_ZIP = (
     Path(__file__).resolve().parents[2] / "shared/data/cifar10_test_jpeg/cifar10_test_jpeg.zip"
@@ -219,7 +219,7 @@ def main() -> None:
 
 def _with_cls(tr: Trainer, batch: int):  # type: ignore[no-untyped-def]
     """Training batches (idx order of the real epoch) with each sample's ground-truth class."""
-    from selfclust.data import eval_batches
+    from selfclust.data.streams import eval_batches
 
     cls = torch.full((tr.n,), -1, dtype=torch.int64)
     for _, idx, c in eval_batches(tr.shards, 0, 1, 1024, image_size=8):

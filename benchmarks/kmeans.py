@@ -1,7 +1,7 @@
 """Benchmark: faiss k-means (selfclust's default) vs sklearn KMeans vs selfclust's torch
 fallback on the same data, two ways, one run:
 
-1. as each is called by default: ``selfclust.kmeans.kmeans(x, k)`` (faiss, random start,
+1. as each is called by default: ``selfclust.labels.kmeans.kmeans(x, k)`` (faiss, random start,
    ``kmeans_iters`` = 25 Lloyd iterations, the label initialisation's call), the same with
    the early stop ``tol`` (``method.kmeans_tol``) and with an AFK-MC² start, against
    ``sklearn.cluster.KMeans(k)`` with its defaults (k-means++ start, one run, Lloyd until the
@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from selfclust.kmeans import faiss_gpus, kmeans, kmeans_torch, objective  # noqa: E402
+from selfclust.labels.kmeans import faiss_gpus, kmeans, kmeans_torch, objective  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist_test" / "t10k-images-idx3-ubyte.gz"
 

@@ -102,7 +102,7 @@ def main() -> None:
         if not o.startswith(("checkpoint.every_steps", "trainer.log_every", "wandb.mode"))
     ] + [f"checkpoint.every_steps={args.every_steps}", "trainer.log_every=1", "wandb.mode=disabled"]
     tmp = Path(tempfile.mkdtemp(prefix="selfclust-preempt-"))
-    from selfclust.shards import write_shards
+    from selfclust.shards.write import write_shards
 
     shards = tmp / "digits"
     write_shards(DIGITS, shards, shard_size=400)

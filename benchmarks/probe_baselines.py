@@ -15,10 +15,10 @@ import time
 import torch
 from torch import nn
 
-from selfclust.data import ShardSet
-from selfclust.evaluate import load_run
-from selfclust.model import SelfLabelNet
-from selfclust.probe import ProbeConfig, probe_model
+from selfclust.data.streams import ShardSet
+from selfclust.eval.evaluate import load_run
+from selfclust.eval.probe import ProbeConfig, probe_model
+from selfclust.models.selflabel import SelfLabelNet
 
 
 class Pixels(nn.Module):

@@ -42,8 +42,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import selfclust.sinkhorn as sk  # noqa: E402
-from selfclust.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp  # noqa: E402
+import selfclust.labels.sinkhorn as sk  # noqa: E402
+from selfclust.labels.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp  # noqa: E402
 
 
 def simulated_logits(
@@ -295,7 +295,7 @@ def simulated_head(
 def _memory_rank(rank: int, tmp: str, lam: float, recompute: bool) -> None:
     import resource
 
-    from selfclust.labelling import head_logits
+    from selfclust.labels.label_pass import head_logits
 
     torch.set_num_threads(1)
     x, w = torch.load(f"{tmp}/head.pt")

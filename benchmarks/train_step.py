@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfclust.augment import augment, normalize  # noqa: E402
 from selfclust.config import build_config  # noqa: E402
-from selfclust.data import eval_batches, train_batches  # noqa: E402
-from selfclust.labelling import random_bank  # noqa: E402
-from selfclust.shards import write_shards  # noqa: E402
-from selfclust.train import Trainer, WorkerContext  # noqa: E402
+from selfclust.data.augment import augment, normalize  # noqa: E402
+from selfclust.data.streams import eval_batches, train_batches  # noqa: E402
+from selfclust.labels.label_pass import random_bank  # noqa: E402
+from selfclust.shards.write import write_shards  # noqa: E402
+from selfclust.train.loop import Trainer, WorkerContext  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

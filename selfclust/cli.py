@@ -10,15 +10,15 @@ from typing import Any
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from selfclust.launcher import _atomic_write
+    from selfclust.launch import _atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, json.dumps(obj, indent=2))
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from selfclust.shards import parse_bytes, verify_shards, write_shards
-    from selfclust.upload import UploadError
+    from selfclust.shards.upload import UploadError
+    from selfclust.shards.write import parse_bytes, verify_shards, write_shards
 
     if args.verify:
         report = verify_shards(args.source, decode=args.decode)
@@ -69,8 +69,8 @@ def _print_table(heads: list[dict[str, Any]], best: int | None, k_is_classes: bo
 
 def cmd_train(args: argparse.Namespace) -> int:
     from selfclust.config import load_config
-    from selfclust.launcher import train
-    from selfclust.pictures import GALLERY
+    from selfclust.eval.pictures import GALLERY
+    from selfclust.launch import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
@@ -89,14 +89,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _pictures(run_dir: Path, data: str | None = None) -> None:
     """Gallery, cluster sizes and confusion matrix PNGs into the run dir (and W&B)."""
-    from selfclust.pictures import run_pictures
+    from selfclust.eval.pictures import run_pictures
 
     done = run_pictures(run_dir, data=data)
     print(f"pictures: {', '.join(done['paths'].values())} ({done['wandb']})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from selfclust.evaluate import evaluate
+    from selfclust.eval.evaluate import evaluate
 
     result = evaluate(args.target, data=args.data, batch_size=args.batch_size)
     _print_table(result["heads"], result.get("best_head"), result.get("k_equals_classes", True))
@@ -123,8 +123,8 @@ def _probe_workers(text: str) -> int | str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from selfclust.probe import ProbeConfig
-    from selfclust.probe_launch import run_probe
+    from selfclust.eval.probe import ProbeConfig
+    from selfclust.eval.probe_launch import run_probe
 
     cfg = ProbeConfig(
         epochs=args.epochs,

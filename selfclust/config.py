@@ -74,7 +74,7 @@ class MethodConfig(_Section):
     )
     # Initial labels: faiss k-means on the (untrained) backbone's pooled features, on raw-pixel
     # thumbnails (kmeans_pixel_size² per channel), or SeLa's random equal-size labels.
-    # manifold_pixels: UMAP + Gaussian mixture on the thumbnails (see selfclust/manifold.py).
+    # manifold_pixels: UMAP + Gaussian mixture on the thumbnails (see selfclust/labels/manifold.py).
     init: Literal["kmeans", "kmeans_pixels", "manifold_pixels", "random"] = "random"
     kmeans_pixel_size: int = Field(16, ge=1)
     kmeans_samples: int = Field(

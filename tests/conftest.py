@@ -24,7 +24,7 @@ def digits_shards(tmp_path_factory) -> Path:
     """sklearn digits (1797 real 8×8 images) in 5 WebDataset shards."""
     from cli_runs import DIGITS
 
-    from selfclust.shards import write_shards
+    from selfclust.shards.write import write_shards
 
     out = tmp_path_factory.mktemp("data") / "digits"
     write_shards(DIGITS, out, shard_size=400)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from selfclust.augment import LoaderAugment, _params, augment, augment_views, colour, normalize
 from selfclust.config import AugmentConfig
+from selfclust.data.augment import LoaderAugment, _params, augment, augment_views, colour, normalize
 
 
 def _images(n=6, c=3, s=16):

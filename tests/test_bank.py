@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from selfclust.bank import LabelBank
+from selfclust.labels.bank import LabelBank
 
 
 def test_lookup_by_global_index_not_position():

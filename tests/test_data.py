@@ -16,12 +16,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from selfclust.data import ShardSet, assign_shards, eval_batches, steps_per_epoch, train_batches
-from selfclust.shards import write_shards
+from selfclust.data.streams import (
+    ShardSet,
+    assign_shards,
+    eval_batches,
+    steps_per_epoch,
+    train_batches,
+)
+from selfclust.shards.write import write_shards
 
 B = 32
 DATA = Path(os.environ.get("SELFCLUST_DATA", Path(__file__).parents[2] / "shared" / "data"))
-MNIST = Path(__file__).parent.parent / "selfclust" / "data" / "mnist_test"
+MNIST = Path(__file__).parent.parent / "selfclust" / "datasets" / "mnist_test"
 
 
 def load_idx(path: Path) -> np.ndarray:
@@ -265,8 +271,8 @@ def test_global_reshuffle_moves_shards_between_ranks(sets) -> None:
 
 @pytest.mark.parametrize("views", [1, 2])
 def test_loader_side_augmentation(sets, views) -> None:
-    from selfclust.augment import LoaderAugment
     from selfclust.config import AugmentConfig
+    from selfclust.data.augment import LoaderAugment
 
     shards, cfg = sets["even"], AugmentConfig(crop_scale=(0.5, 1.0))
     by_idx = {}

@@ -130,7 +130,7 @@ def test_checkpoint_write_killed_half_way_never_becomes_latest(tmp_path: Path) -
     import torch
 
     from selfclust.checkpoint import IncompatibleCheckpoint, is_complete, read_state, write_state
-    from selfclust.launcher import latest_checkpoint
+    from selfclust.launch import latest_checkpoint
 
     storage = tmp_path / "run" / "ray" / "selfclust-test"
     storage.mkdir(parents=True)
@@ -183,7 +183,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.core.generated import autoscaler_pb2
 from selfclust.config import load_config
-from selfclust.launcher import train
+from selfclust.launch import train
 
 shards, run, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -1,4 +1,4 @@
-"""Tests for selfclust.kmeans: sklearn/scipy oracles on real data, heads from centroids, ranks."""
+"""Tests for selfclust.labels.kmeans: sklearn/scipy oracles on real data, centroid heads, ranks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from torch import nn
 
-from selfclust.kmeans import assign, assign_torch, kmeans, kmeans_torch, objective
-from selfclust.labelling import Embedded, heads_from_centroids, kmeans_labels
+from selfclust.labels.kmeans import assign, assign_torch, kmeans, kmeans_torch, objective
+from selfclust.labels.label_pass import Embedded, heads_from_centroids, kmeans_labels
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 

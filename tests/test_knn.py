@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfclust.knn import knn_accuracy, knn_votes, topk_accuracy
+from selfclust.eval.knn import knn_accuracy, knn_votes, topk_accuracy
 from tests.spawn import run_ranks
 
 

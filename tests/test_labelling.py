@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from selfclust.config import ModelConfig
-from selfclust.data import ShardSet, eval_batches
-from selfclust.labelling import embed, gather_bank, kmeans_labels, sinkhorn_labels
-from selfclust.model import SelfLabelNet
-from selfclust.shards import write_shards
+from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels, sinkhorn_labels
+from selfclust.models.selflabel import SelfLabelNet
+from selfclust.shards.write import write_shards
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 

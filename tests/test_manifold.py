@@ -1,4 +1,4 @@
-"""Tests for selfclust.manifold: UMAP + GMM beats k-means on real digits, the k-NN vote
+"""Tests for selfclust.labels.manifold: UMAP + GMM beats k-means on real digits, the k-NN vote
 against brute force, and 2 gloo ranks give the labels of 1."""
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from selfclust.kmeans import kmeans
-from selfclust.manifold import cluster_pool, consensus_scores, manifold_labels, match_ids, vote
-from selfclust.metrics import clustering_scores
+from selfclust.eval.metrics import clustering_scores
+from selfclust.labels.kmeans import kmeans
+from selfclust.labels.manifold import (
+    cluster_pool,
+    consensus_scores,
+    manifold_labels,
+    match_ids,
+    vote,
+)
 from tests.spawn import run_ranks
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
@@ -145,7 +151,7 @@ def _depict_runner(samples: int) -> Any:
 def _rank(rank: int, world: int, x: torch.Tensor, samples: int) -> torch.Tensor:
     """This rank's ``[idx, manifold_labels, DEPICT's manifold refresh]`` (interleaved rows:
     every rank holds part of the pool)."""
-    from selfclust.labelling import Embedded
+    from selfclust.labels.label_pass import Embedded
 
     idx = torch.arange(len(x))[rank::world]
     out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), neighbors=15)
@@ -171,8 +177,8 @@ def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
     its ids renamed to agree with the head's argmax as well as any renaming can (no swap of
     two ids agrees more); the next plain refresh is soft again. The test's 'embedding' is
     the 64 pixels (``embed_dim=64``)."""
-    from selfclust.kmeans import global_sample
-    from selfclust.labelling import Embedded
+    from selfclust.labels.kmeans import global_sample
+    from selfclust.labels.label_pass import Embedded
 
     x, y = torch.from_numpy(digits[0]), digits[1]
     n = len(x)
@@ -210,7 +216,7 @@ def test_worker_loop_with_manifold_label_updates(tmp_path: Path) -> None:
     raw-pixel k-means on digits (ACC 0.792, best of 5; see docs/methods.md)."""
     from spawn import train_rank
 
-    from selfclust.shards import write_shards
+    from selfclust.shards.write import write_shards
 
     write_shards(DIGITS, tmp_path / "shards", shard_size=500)
     over = [
@@ -248,8 +254,8 @@ def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray
     starts from them: DEC's centroids and DGG's GMM means are those means, DEPICT's first
     targets are the partition itself."""
     from selfclust.config import load_config
-    from selfclust.kmeans import global_sample
-    from selfclust.labelling import Embedded
+    from selfclust.labels.kmeans import global_sample
+    from selfclust.labels.label_pass import Embedded
     from selfclust.methods.nets import build_cluster_net
     from selfclust.methods.runner import build_runner
 

@@ -165,8 +165,8 @@ def test_column_sums_two_ranks_equal_one(tmp_path: Path) -> None:
 def test_signed_pixels_and_bounded_decoder() -> None:
     """method.pixels=signed: inputs in [-1, 1] (the authors' scaling), the decoder's last layer
     tanh-bounded like them, and the label pass's standardised images map to the same inputs."""
-    from selfclust.augment import normalize
     from selfclust.config import load_config
+    from selfclust.data.augment import normalize
     from selfclust.methods.nets import build_cluster_net
 
     cfg = load_config(None, ["method.name=depict", "method.heads=1", "method.pixels=signed"])

@@ -3,7 +3,12 @@ import itertools
 import numpy as np
 import pytest
 
-from selfclust.metrics import cluster_accuracy, clustering_scores, majority_accuracy, size_stats
+from selfclust.eval.metrics import (
+    cluster_accuracy,
+    clustering_scores,
+    majority_accuracy,
+    size_stats,
+)
 
 
 def brute_force_acc(y, p):
@@ -88,7 +93,7 @@ def test_majority_matches_brute_force():
 
 
 def test_head_agreement():
-    from selfclust.metrics import head_agreement
+    from selfclust.eval.metrics import head_agreement
 
     a = np.array([0, 0, 1, 1, 2, 2])
     preds = np.stack([a, (a + 1) % 3, np.array([0, 1, 0, 1, 0, 1])])
@@ -102,7 +107,7 @@ def test_head_agreement():
 
 
 def test_matched_confusion_orders_columns_by_class():
-    from selfclust.metrics import matched_confusion
+    from selfclust.eval.metrics import matched_confusion
 
     y = np.array([0, 0, 1, 1, 2, 2, 2])
     p = np.array([2, 2, 0, 0, 1, 1, 3])  # cluster 3: an extra one, mostly class 2

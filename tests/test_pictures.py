@@ -13,13 +13,13 @@ import yaml
 from PIL import Image
 
 from selfclust import cli
-from selfclust.bank import LabelBank
 from selfclust.checkpoint import Position, make_state, write_state
 from selfclust.config import RunConfig
-from selfclust.data import ShardSet
-from selfclust.model import SelfLabelNet
-from selfclust.pictures import Assignments, assign, chosen_tiles, draw, log_to_wandb
-from selfclust.shards import write_shards
+from selfclust.data.streams import ShardSet
+from selfclust.eval.pictures import Assignments, assign, chosen_tiles, draw, log_to_wandb
+from selfclust.labels.bank import LabelBank
+from selfclust.models.selflabel import SelfLabelNet
+from selfclust.shards.write import write_shards
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 

@@ -12,14 +12,14 @@ import torch
 
 from selfclust import cli
 from selfclust import collectives as C
-from selfclust.bank import LabelBank
 from selfclust.checkpoint import Position, make_state, write_state
 from selfclust.config import AugmentConfig, ModelConfig, RunConfig, load_config
-from selfclust.data import ShardSet
-from selfclust.model import SelfLabelNet
-from selfclust.probe import Features, ProbeConfig, extract, probe_features, probe_model
-from selfclust.probe_launch import AUTO_MIN_SAMPLES, resolve_workers, run_probe
-from selfclust.shards import write_shards
+from selfclust.data.streams import ShardSet
+from selfclust.eval.probe import Features, ProbeConfig, extract, probe_features, probe_model
+from selfclust.eval.probe_launch import AUTO_MIN_SAMPLES, resolve_workers, run_probe
+from selfclust.labels.bank import LabelBank
+from selfclust.models.selflabel import SelfLabelNet
+from selfclust.shards.write import write_shards
 from tests.spawn import run_ranks
 
 ROOT = Path(__file__).parents[1]

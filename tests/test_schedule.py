@@ -1,7 +1,7 @@
 import math
 
 from selfclust.config import OptimConfig
-from selfclust.schedule import lr_at, relabel_steps, relabels_done
+from selfclust.train.schedule import lr_at, relabel_steps, relabels_done
 
 
 def test_relabel_steps_quadratic_and_dense_early():

@@ -16,10 +16,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from selfclust.shards import load_manifest, verify_shards, write_shards
+from selfclust.shards.write import load_manifest, verify_shards, write_shards
 
 DATA = Path(os.environ.get("SELFCLUST_DATA", Path(__file__).parents[2] / "shared" / "data"))
-MNIST = Path(__file__).parent.parent / "selfclust" / "data" / "mnist_test"
+MNIST = Path(__file__).parent.parent / "selfclust" / "datasets" / "mnist_test"
 CIFAR_ZIP = DATA / "cifar10_test_jpeg" / "cifar10_test_jpeg.zip"
 
 
@@ -466,14 +466,14 @@ def test_post_uploads_shards_then_manifest(tmp_path: Path, digits_npz: Path) -> 
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"]
     verify_shards(bucket)
-    from selfclust.data import ShardSet
+    from selfclust.data.streams import ShardSet
 
     assert ShardSet.open(f"pipe:cat {bucket}/{{name}}").num_samples == 1797
 
     failing = tmp_path / "failing"
     failing.mkdir()
     post = f"case {{name}} in *2.tar) exit 5;; *) cp {{path}} {failing}/{{name}};; esac"
-    from selfclust.upload import UploadError
+    from selfclust.shards.upload import UploadError
 
     with pytest.raises(UploadError, match="post command for shard-000002.tar failed"):
         write_shards(digits_npz, tmp_path / "out2", shard_size=500, post=post)

@@ -1,4 +1,4 @@
-"""Tests for selfclust.sinkhorn: oracles (POT, float64 log-domain), numerics, distributed."""
+"""Tests for selfclust.labels.sinkhorn: oracles (POT, float64 log-domain), numerics, distributed."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import selfclust.sinkhorn as sk
-from selfclust import sinkhorn_cpu
+import selfclust.labels.sinkhorn as sk
 from selfclust.collectives import WORLD
-from selfclust.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
+from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
+from selfclust.labels.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
 from selfclust.threads import keep_torch_threads
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
@@ -366,7 +366,7 @@ def test_fused_exp_within_two_ulp() -> None:
 
 
 def test_fused_kernels_flush_denormals_and_restore_the_fp_mode() -> None:
-    from selfclust import sinkhorn_cpu
+    from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 
     tiny = np.float32(1e-20)  # 1e-40 is a float32 denormal
     product, before, inside, after = sinkhorn_cpu.flushed_product(tiny, tiny)

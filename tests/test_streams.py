@@ -19,10 +19,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from selfclust.data import ShardSet, eval_batches, steps_per_epoch, train_batches
-from selfclust.reader import DataStats, decode, tar_samples
-from selfclust.shards import verify_shards, write_shards
-from selfclust.urls import ShardNotFound, open_url, parse_spec
+from selfclust.data.reader import DataStats, decode, tar_samples
+from selfclust.data.streams import ShardSet, eval_batches, steps_per_epoch, train_batches
+from selfclust.data.urls import ShardNotFound, open_url, parse_spec
+from selfclust.shards.write import verify_shards, write_shards
 from tests.spawn import run_ranks
 from tests.test_data import digits
 
@@ -271,7 +271,7 @@ def test_worker_with_only_unreadable_shards_fails_instead_of_looping(clean, tmp_
 def _embed_rank(rank: int, world: int, spec: str, claimed: int) -> list[int] | str:
     """The trainer's label pass (``labelling.embed``) on gloo ranks, told the set holds
     ``claimed`` samples: (rows read here, skipped over all ranks), or the error it raised."""
-    from selfclust.labelling import embed
+    from selfclust.labels.label_pass import embed
 
     it = eval_batches(ShardSet.open(spec), rank, world, 64)
     try:

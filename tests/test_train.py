@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from selfclust.shards import write_shards
+from selfclust.shards.write import write_shards
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 OVERRIDES = [

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfclust.shards import write_shards
+from selfclust.shards.write import write_shards
 
 DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 BASE = [
@@ -210,8 +210,8 @@ def run_resumes(rank: int, world: int, shards: str, out: str, starts: dict) -> d
 
 @pytest.fixture(scope="module")
 def pixel_acc(digits) -> float:
-    from selfclust.kmeans import assign, kmeans
-    from selfclust.metrics import cluster_accuracy
+    from selfclust.eval.metrics import cluster_accuracy
+    from selfclust.labels.kmeans import assign, kmeans
 
     _, x, y = digits
     flat = torch.from_numpy(x.reshape(len(x), -1).astype(np.float32) / 255)
@@ -240,8 +240,8 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
 
     from spawn import run_ranks
 
-    from selfclust.kmeans import assign, kmeans
-    from selfclust.metrics import cluster_accuracy
+    from selfclust.eval.metrics import cluster_accuracy
+    from selfclust.labels.kmeans import assign, kmeans
 
     raw = Path(__file__).parents[2] / "shared" / "data" / "mnist_test"
     images = gzip.open(raw / "t10k-images-idx3-ubyte.gz").read()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.kmeans import Seeding, distributed_centroids, objective, sample_pool
+from selfclust.labels.kmeans import Seeding, distributed_centroids, objective, sample_pool
 from selfclust.methods.autoencoder import MLPAutoencoder
 
 
@@ -155,9 +155,10 @@ def kmeans_centroids(
 ) -> torch.Tensor:
     """Initial centroids ``[K, d]``: the best of ``restarts`` k-means runs (DEC: 20) by
     k-means objective on a global sample of the embeddings (``niter``, ``seeding``, ``tol``
-    as :func:`selfclust.kmeans.kmeans`).
+    as :func:`selfclust.labels.kmeans.kmeans`).
 
-    The sample is picked by global index (:func:`selfclust.kmeans.sample_pool`), so the result
+    The sample is picked by global index (:func:`selfclust.labels.kmeans.sample_pool`), so the
+    result
     does not depend on the number of ranks; rank 0 runs faiss and broadcasts the runs, and every
     rank scores them on the same pool, so all ranks pick the same one.
     """

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfclust.augment import augment, normalize
 from selfclust.config import AugmentConfig, RunConfig
+from selfclust.data.augment import augment, normalize
 from selfclust.methods.autoencoder import MLPAutoencoder
 from selfclust.methods.dec import DECNet
 from selfclust.methods.depict import ConvAutoencoder, DEPICTNet
 from selfclust.methods.dgg import DGGNet, GaussianMixturePrior
-from selfclust.model import NetOutput
+from selfclust.models.selflabel import NetOutput
 
-_MEAN, _STD = 0.5, 0.25  # selfclust.augment.normalize's constants
+_MEAN, _STD = 0.5, 0.25  # selfclust.data.augment.normalize's constants
 
 
 def unit_pixels(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
@@ -58,7 +58,7 @@ class ClusterNet(nn.Module):
         epoch: int,
         size: int | None = None,
     ) -> torch.Tensor:
-        """:func:`selfclust.augment.augment` of uint8 images (random per sample and epoch,
+        """:func:`selfclust.data.augment.augment` of uint8 images (random per sample and epoch,
         standardised) in this net's pixel convention, as :meth:`inputs` gives it."""
         x = augment(images, idx, cfg, seed, epoch, size)
         if self.pixels == "standardized":

@@ -1,6 +1,6 @@
 """The trainer's side of DEC, DEPICT and DGG: losses per phase, initialisation, refreshes.
 
-:class:`selfclust.train.Trainer` owns data, optimisers, checkpoints and the schedule; a
+:class:`selfclust.train.loop.Trainer` owns data, optimisers, checkpoints and the schedule; a
 :class:`MethodRunner` owns what one method keeps between label passes (docs/methods.md):
 
 * DEC: the soft frequencies ``f`` [K] and the stop rule;
@@ -27,9 +27,9 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.config import RunConfig
-from selfclust.kmeans import assign, sample_pool
-from selfclust.labelling import Embedded
-from selfclust.manifold import extend_labels, pool_labels
+from selfclust.labels.kmeans import assign, sample_pool
+from selfclust.labels.label_pass import Embedded
+from selfclust.labels.manifold import extend_labels, pool_labels
 from selfclust.methods import dec, depict, dgg, graph
 from selfclust.methods.autoencoder import denoising_loss
 from selfclust.methods.nets import ClusterNet, DECModel, DEPICTModel, DGGModel
@@ -107,7 +107,8 @@ class MethodRunner:
 
         ``cluster_init=kmeans`` (the papers'): best-of-restarts k-means, labels by nearest
         centroid. ``cluster_init=manifold``: UMAP + a Gaussian mixture on the same sample
-        (:mod:`selfclust.manifold`; the other rows by k-NN vote), centroids the clusters' means
+        (:mod:`selfclust.labels.manifold`; the other
+        rows by k-NN vote), centroids the clusters' means
         over every rank's rows (one all-reduce of K × d sums and K counts)."""
         m = self.m
         f = emb.features.float()

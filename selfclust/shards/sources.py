@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-BUILTIN = {"mnist_test": Path(__file__).parent / "data" / "mnist_test"}
+BUILTIN = {"mnist_test": Path(__file__).parents[1] / "datasets" / "mnist_test"}
 LIST_SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
 _KINDS = (
     "an .npz file with x/y, an IDX images file (*idx3-ubyte[.gz]) or a directory holding one, "

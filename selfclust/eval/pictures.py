@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfclust.augment import normalize
-from selfclust.data import ShardSet, eval_batches
-from selfclust.metrics import cluster_accuracy, matched_confusion
-from selfclust.model import SelfLabelNet
+from selfclust.data.augment import normalize
+from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.eval.metrics import cluster_accuracy, matched_confusion
+from selfclust.models.selflabel import SelfLabelNet
 
 GALLERY, SIZES, CONFUSION = "gallery.png", "cluster_sizes.png", "confusion.png"
 
@@ -308,7 +308,7 @@ def run_pictures(
     wandb_log: bool = True,
 ) -> dict[str, Any]:
     """Pictures of a finished (or checkpointed) run, written into ``run_dir``."""
-    from selfclust.evaluate import load_run
+    from selfclust.eval.evaluate import load_run
 
     run_dir = Path(run_dir)
     model, cfg, ckpt, state = load_run(run_dir, data)

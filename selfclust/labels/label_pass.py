@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.augment import normalize
-from selfclust.kmeans import Seeding, assign, distributed_centroids, sample_pool
-from selfclust.sinkhorn import LinearLogits, sinkhorn_knopp
+from selfclust.data.augment import normalize
+from selfclust.labels.kmeans import Seeding, assign, distributed_centroids, sample_pool
+from selfclust.labels.sinkhorn import LinearLogits, sinkhorn_knopp
 
 
 @dataclass
@@ -121,7 +121,7 @@ def sinkhorn_labels(
     Peak memory per rank: the features plus two ``[n_r, K]`` float32 blocks (the head's
     logits and Sinkhorn's kernel, which rebuilds from the logits when it re-stabilises), or
     one with ``recompute`` (linear heads: the solver recomputes logits chunks from the
-    features, :class:`selfclust.sinkhorn.LinearLogits`). On CUDA the convergence test runs
+    features, :class:`selfclust.labels.sinkhorn.LinearLogits`). On CUDA the convergence test runs
     every 10 iterations (each is a host-device sync).
     """
     labels, its, errs = [], [], []
@@ -195,12 +195,12 @@ def kmeans_labels(
     tol: float = 0.0,
 ) -> torch.Tensor:
     """Initial labels ``[T, n_r]`` by k-means (one run per head, seeds seed..seed+T−1;
-    ``niter``, ``seeding``, ``tol`` as :func:`selfclust.kmeans.kmeans`).
+    ``niter``, ``seeding``, ``tol`` as :func:`selfclust.labels.kmeans.kmeans`).
 
     The sample is chosen by global index (a seeded permutation of 0..N-1, first ``samples``),
     so it is the same whatever the number of ranks; each rank sends only its part of it
     (L2-normalised features), rank 0 runs k-means (faiss, GPU build if present, else the
-    torch fallback on CUDA; see :mod:`selfclust.kmeans`) and broadcasts the centroids, and
+    torch fallback on CUDA; see :mod:`selfclust.labels.kmeans`) and broadcasts the centroids, and
     each rank assigns its own rows. With ``init_heads`` (linear heads on the same features)
     each head is also set to score its centroids: see :func:`heads_from_centroids`.
     """

@@ -7,7 +7,7 @@ UMAP (McInnes et al. 2018) keeps the k-NN structure in a few dimensions (``min_d
 each manifold tightly); a full-covariance Gaussian mixture then finds the clusters there,
 with unequal sizes allowed (USPS's classes range from 7.6 % to 16.4 % of the set).
 
-Distributed use, like :mod:`selfclust.kmeans`: every rank contributes its rows of a sample
+Distributed use, like :mod:`selfclust.labels.kmeans`: every rank contributes its rows of a sample
 chosen by *global* index (bounded by ``samples``: UMAP and the mixture run on rank 0, on the
 CPU; about 10 s for 10k points on one core, after 15–30 s of numba compilation), rank 0
 clusters the pool and broadcasts the pool's labels, and every rank labels its own rows: pool
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from selfclust import collectives as C
-from selfclust.kmeans import _check_not_in_loader_worker, _faiss, global_sample, sample_pool
+from selfclust.labels.kmeans import _check_not_in_loader_worker, _faiss, global_sample, sample_pool
 from selfclust.threads import keep_torch_threads
 
 Select = Literal["silhouette", "consensus"]  # how cluster_pool picks among candidates

@@ -3,7 +3,7 @@
 * A shard that cannot be read to its end (truncated, corrupt tar, a connection that dies or
   stalls) is logged by name, counted in :class:`DataStats` and the rest of it is skipped; the
   samples read before the fault are kept. A shard that does not exist raises
-  :class:`~selfclust.urls.ShardNotFound` naming it.
+  :class:`~selfclust.data.urls.ShardNotFound` naming it.
 * An image that does not decode (corrupt bytes, unknown format, a decompression bomb that
   Pillow refuses under ``Image.MAX_IMAGE_PIXELS``) is counted and left out by the caller.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from selfclust.urls import DEFAULT_TIMEOUT_S, open_url
+from selfclust.data.urls import DEFAULT_TIMEOUT_S, open_url
 
 log = logging.getLogger("selfclust.data")
 META = frozenset({"idx", "cls"})

@@ -16,7 +16,7 @@ Every rank computes the same assignment from the manifest alone (no communicatio
 
 Bad data never changes the number of batches: an unreadable shard is skipped (the worker reads
 its other pieces again), and in training a corrupt image's slot is filled with another sample
-of the same batch. Both are counted in the iterators' :class:`~selfclust.reader.DataStats`.
+of the same batch. Both are counted in the iterators' :class:`~selfclust.data.reader.DataStats`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from selfclust.augment import LoaderAugment
 from selfclust.config import AugmentConfig
-from selfclust.reader import DataStats, decode, read_shard
-from selfclust.shards import load_manifest
-from selfclust.urls import DEFAULT_TIMEOUT_S, is_local, parse_spec
+from selfclust.data.augment import LoaderAugment
+from selfclust.data.reader import DataStats, decode, read_shard
+from selfclust.data.urls import DEFAULT_TIMEOUT_S, is_local, parse_spec
+from selfclust.shards.write import load_manifest
 
 log = logging.getLogger("selfclust.data")
 T = TypeVar("T")
@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 @dataclass
 class ShardSet:
-    """A shard set opened through its manifest (see :mod:`selfclust.urls` for the specs)."""
+    """A shard set opened through its manifest (see :mod:`selfclust.data.urls` for the specs)."""
 
     root: str
     manifest: dict
@@ -372,7 +372,7 @@ def train_batches(
     decoding the skipped batches (mid-epoch resume).
 
     ``loader_augment``: augment in the loader workers instead (see
-    :class:`~selfclust.augment.LoaderAugment`); images are then the augmented uint8 crops of
+    :class:`~selfclust.data.augment.LoaderAugment`); images are then the augmented uint8 crops of
     size ``image_size`` (default: the manifest's uniform size), ``[V, B, C, s, s]`` when
     ``views > 1``. The returned :class:`Batches` carries the bad-data counts in ``.stats``.
     """

@@ -16,11 +16,11 @@ import torch
 from selfclust import collectives as C
 from selfclust.checkpoint import read_state
 from selfclust.config import RunConfig
-from selfclust.data import ShardSet, eval_batches
-from selfclust.labelling import embed, predictions
+from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.eval.metrics import clustering_scores, head_agreement, size_stats
+from selfclust.labels.label_pass import embed, predictions
 from selfclust.methods.nets import ClusterNet
-from selfclust.metrics import clustering_scores, head_agreement, size_stats
-from selfclust.model import SelfLabelNet, build_model, image_side
+from selfclust.models.selflabel import SelfLabelNet, build_model, image_side
 
 
 def score_model(
@@ -79,7 +79,7 @@ def load_run(
 ) -> tuple[SelfLabelNet, RunConfig, Path, dict]:
     """A run dir (its final checkpoint) or a checkpoint dir → (model in eval mode, config,
     checkpoint path, state). ``data`` only sets the input channels when given."""
-    from selfclust.launcher import latest_checkpoint
+    from selfclust.launch import latest_checkpoint
 
     target = Path(target)
     if not target.exists():

@@ -5,10 +5,10 @@ Each rank holds its own rows of the logits; they are never gathered. The plan is
     Q = diag(β) · exp(λ z) · diag(α),   rows sum to 1/N, columns sum to 1/K,
 
 and per iteration a rank streams its n × K block once and all-reduces K numbers. CPU: a fused
-numba kernel (:mod:`selfclust.sinkhorn_cpu`: each row's dot with α, its β update and its share
-of the column sums while the row is in L1), or with ``SELFCLUST_SINKHORN_CPU=torch`` BLAS on
-cache-sized chunks (rows then columns while the chunk is in cache); GPU: two matrix-vector
-products.
+numba kernel (:mod:`~selfclust.labels.sinkhorn_numba`: each row's dot with α, its β update
+and its share of the column sums while the row is in L1), or with
+``SELFCLUST_SINKHORN_CPU=torch`` BLAS on cache-sized chunks (rows then columns while the chunk
+is in cache); GPU: two matrix-vector products.
 
 Numerics: the kernel is one float32 block ``P = exp(λ (z − z_max) + log α₀ − M)``: each row is
 shifted by its max (exact, absorbed in β) and a reference column scaling α₀ is absorbed too, so
@@ -45,7 +45,8 @@ from selfclust.threads import keep_torch_threads
 # to exactly 0. While the column scalings a stay within e^_ABSORB of each other, a dropped entry
 # carries < e^-20 of its row's mass (the row's max entry keeps ≥ e^-_ABSORB of it). Products
 # P_ik a_k can then underflow, which is harmless (they are < e^-20 of the row too); the fused
-# CPU kernels flush them to zero (FTZ/DAZ, :mod:`selfclust.sinkhorn_cpu`), as GPUs do at speed.
+# CPU kernels flush them to zero (FTZ/DAZ, :mod:`~selfclust.labels.sinkhorn_numba`), as GPUs
+# do at speed.
 _LOG_P_MIN = -87.0
 # Absorb the column scalings into P (with an exact log-domain step) once the log-spread of a
 # exceeds this (_LOG_P_MIN + _ABSORB = -20: the dropped entries' bound above).
@@ -90,7 +91,9 @@ def _numba_threads(t: torch.Tensor | LinearLogits) -> int:
         raise ValueError(f"{_CPU_KERNEL_ENV} must be 'numba' or 'torch', got {choice!r}")
     if choice == "torch" or torch.utils.data.get_worker_info() is not None:
         return 0
-    from selfclust import sinkhorn_cpu  # numba: imported (and JIT-loaded) on first CPU use
+    from selfclust.labels import (
+        sinkhorn_numba as sinkhorn_cpu,  # numba: imported (and JIT-loaded) on first CPU use
+    )
 
     with keep_torch_threads():
         return sinkhorn_cpu.set_threads(torch.get_num_threads())
@@ -223,7 +226,7 @@ def _build_kernel(
     its column sums c; otherwise torch, and c is None.
     """
     if threads and logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous():
-        from selfclust import sinkhorn_cpu
+        from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 
         n, k = logits.shape
         p = torch.empty(n, k, dtype=torch.float32) if out is None else out
@@ -264,7 +267,7 @@ def _sweep(
     from memory once per iteration; other devices: two matrix products.
     """
     if threads:
-        from selfclust import sinkhorn_cpu
+        from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 
         args = (p.numpy(), a.numpy(), b.numpy(), b_ex.numpy(), inv_n, omega, check, threads)
         return torch.from_numpy(sinkhorn_cpu.sweep(*args))
@@ -327,7 +330,7 @@ def _exact_log_alpha(
         logits.dtype in (torch.float32, torch.float64) and logits.is_contiguous()
     )
     if threads and fused:
-        from selfclust import sinkhorn_cpu
+        from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 
         la0 = log_alpha0.to(torch.float32).numpy()
         log_b = b.log()
@@ -516,7 +519,7 @@ def sinkhorn_knopp(
     log_alpha = log_alpha0 + a.to(torch.float64).log()
     log_beta = b_ex.to(torch.float64).log() - m.to(torch.float64) - lam * z_max.to(torch.float64)
     if threads:
-        from selfclust import sinkhorn_cpu
+        from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 
         labels = torch.from_numpy(sinkhorn_cpu.scaled_argmax(p.numpy(), a.numpy(), threads))
     elif n > 0:

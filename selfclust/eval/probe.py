@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.augment import augment, normalize
 from selfclust.config import AugmentConfig
-from selfclust.data import ShardSet, eval_batches
-from selfclust.knn import knn_accuracy
-from selfclust.model import SelfLabelNet
+from selfclust.data.augment import augment, normalize
+from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.eval.knn import knn_accuracy
+from selfclust.models.selflabel import SelfLabelNet
 
 
 @dataclass

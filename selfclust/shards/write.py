@@ -39,10 +39,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-from selfclust.reader import tar_samples
-from selfclust.sources import BUILTIN, Source, encode_parallel, resolve_source
-from selfclust.upload import Uploader
-from selfclust.urls import (
+from selfclust.data.reader import tar_samples
+from selfclust.data.urls import (
     DEFAULT_TIMEOUT_S,
     MANIFEST,
     ShardNotFound,
@@ -50,6 +48,8 @@ from selfclust.urls import (
     parse_spec,
     read_url,
 )
+from selfclust.shards.sources import BUILTIN, Source, encode_parallel, resolve_source
+from selfclust.shards.upload import Uploader
 
 __all__ = ["BUILTIN", "MANIFEST", "load_manifest", "verify_shards", "write_shards"]
 
@@ -267,7 +267,8 @@ def write_shards(
 ) -> dict:
     """Write SOURCE as WebDataset shards plus ``manifest.json`` into OUT; return the manifest.
 
-    SOURCE (see :mod:`selfclust.sources`): an ``.npz`` with ``x``/``y``; an IDX images file (or
+    SOURCE (see :mod:`selfclust.shards.sources`):
+    an ``.npz`` with ``x``/``y``; an IDX images file (or
     a directory holding one); an image-folder tree (any format Pillow reads; class = sorted
     subfolder); a file list (``path[,label]`` per line); ``torchvision:NAME[:SPLIT]`` stored
     under ``root``; or a built-in name (``mnist_test``).
@@ -420,7 +421,7 @@ def _validate_manifest(m: Any, where: str) -> dict:
 
 
 def load_manifest(spec: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
-    """Read and validate the manifest of a shard set (any spec of :mod:`selfclust.urls`)."""
+    """Read and validate the manifest of a shard set (any spec of :mod:`selfclust.data.urls`)."""
     where = str(spec)
     url = parse_spec(where).manifest_url
     path = Path(where)
@@ -472,7 +473,7 @@ def verify_shards(
 
     Returns ``{"num_samples", "shards", "bytes"}``; raises ValueError listing the bad shards.
     """
-    from selfclust.reader import image_field, open_image
+    from selfclust.data.reader import image_field, open_image
 
     m = load_manifest(spec, timeout_s)
     s = parse_spec(str(spec))

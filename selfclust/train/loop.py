@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.augment import augment, normalize
-from selfclust.bank import LabelBank
 from selfclust.checkpoint import Position, check_compatible, make_state, read_state, write_state
 from selfclust.config import RunConfig
-from selfclust.data import ShardSet, eval_batches, steps_per_epoch, train_batches
-from selfclust.evaluate import score_model
-from selfclust.labelling import (
+from selfclust.data.augment import augment, normalize
+from selfclust.data.streams import ShardSet, eval_batches, steps_per_epoch, train_batches
+from selfclust.eval.evaluate import score_model
+from selfclust.eval.metrics import clustering_scores, head_agreement
+from selfclust.labels.bank import LabelBank
+from selfclust.labels.label_pass import (
     Embedded,
     embed,
     gather_bank,
@@ -36,13 +37,12 @@ from selfclust.labelling import (
     sinkhorn_labels,
     thumbnails,
 )
-from selfclust.manifold import manifold_labels
+from selfclust.labels.manifold import manifold_labels
 from selfclust.methods.nets import ClusterNet
 from selfclust.methods.runner import MethodRunner, build_runner
-from selfclust.metrics import clustering_scores, head_agreement
-from selfclust.model import build_model, image_side, model_digest
+from selfclust.models.selflabel import build_model, image_side, model_digest
 from selfclust.runlog import MetricsLog, Progress
-from selfclust.schedule import lr_at, relabel_steps
+from selfclust.train.schedule import lr_at, relabel_steps
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 
 from selfclust import collectives as C
 from selfclust.config import RunConfig
-from selfclust.data import ShardSet
-from selfclust.probe import ProbeConfig, probe_model
+from selfclust.data.streams import ShardSet
+from selfclust.eval.probe import ProbeConfig, probe_model
 
 AUTO_MIN_SAMPLES = 50_000
 """``--workers auto`` uses the run's ``trainer.num_workers`` ranks only when more samples than
@@ -88,7 +88,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, kwargs: dict[str, Any]) -
 def _run_config(target: str | Path) -> RunConfig:
     """The run's resolved config, from its final checkpoint (or the checkpoint dir given)."""
     from selfclust.checkpoint import read_state
-    from selfclust.launcher import latest_checkpoint
+    from selfclust.launch import latest_checkpoint
 
     target = Path(target)
     if not target.exists():
@@ -106,7 +106,7 @@ def _probe_here(
     workers: dict[str, Any],
     device: torch.device,
 ) -> dict[str, Any]:
-    from selfclust.evaluate import load_run
+    from selfclust.eval.evaluate import load_run
 
     model, run_cfg, ckpt, _ = load_run(target, data)
     if cfg.hflip is None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from selfclust.config import AugmentConfig
-from selfclust.reader import IMAGE_ERRORS, image_field, open_image
+from selfclust.data.reader import IMAGE_ERRORS, image_field, open_image
 
 # Inputs are scaled to [0, 1] and then standardised with these; BatchNorm follows the stem, so
 # the exact values matter little, but they must be identical in training and label passes.

@@ -1,7 +1,7 @@
 """The Ray edge: turn a config and a run dir into a Ray Train ``TorchTrainer`` run.
 
 Everything Ray-specific lives here: starting or joining the cluster, the worker entry point
-that maps Ray's context onto :class:`selfclust.train.WorkerContext`, and the persistent run
+that maps Ray's context onto :class:`selfclust.train.loop.WorkerContext`, and the persistent run
 identity (``run.json``) that makes rerunning the same command resume the same run.
 """
 
@@ -58,8 +58,8 @@ def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """A built-in dataset name becomes a shard dir under RUN_DIR/shards (written once); a
     relative local path becomes absolute (from where the command runs: the Ray workers run
     in another directory)."""
-    from selfclust.shards import BUILTIN, write_shards
-    from selfclust.urls import is_local
+    from selfclust.data.urls import is_local
+    from selfclust.shards.write import BUILTIN, write_shards
 
     updates: dict[str, Any] = {}
     for key in ("train", "eval"):
@@ -79,7 +79,7 @@ def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 def preflight(cfg: RunConfig) -> None:
     """Check what depends on the data before any worker starts, so errors read plainly."""
-    from selfclust.data import ShardSet, steps_per_epoch
+    from selfclust.data.streams import ShardSet, steps_per_epoch
 
     shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     if cfg.data.eval:
@@ -100,7 +100,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from selfclust.train import WorkerContext, train_loop
+    from selfclust.train.loop import WorkerContext, train_loop
 
     # Ray Train's per-report INFO lines ("Reporting training result", "Checkpoint successfully
     # created") would bury the progress lines: warnings and errors only.

@@ -1,0 +1,1 @@
+"""Reading shard sets: URLs, the tolerant tar reader, epoch plans, streams, augmentation."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, scoring, `selfclust evaluate`, probes, k-NN, pictures."""

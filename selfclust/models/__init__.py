@@ -1,0 +1,1 @@
+"""Networks: the shared output type and SeLa's ResNet with clustering heads."""

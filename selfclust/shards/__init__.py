@@ -1,0 +1,1 @@
+"""`selfclust shard`: writing, checking and uploading shard sets."""

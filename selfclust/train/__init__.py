@@ -1,0 +1,1 @@
+"""The worker loop: plain PyTorch, one process per rank."""
