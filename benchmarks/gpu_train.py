@@ -59,7 +59,8 @@ from selfclust.data.augment import augment  # noqa: E402
 from selfclust.data.streams import train_batches  # noqa: E402
 from selfclust.labels.label_pass import random_bank  # noqa: E402
 from selfclust.shards.write import write_shards  # noqa: E402
-from selfclust.train.loop import Trainer, WorkerContext  # noqa: E402
+from selfclust.train.context import WorkerContext  # noqa: E402
+from selfclust.train.loop import Trainer  # noqa: E402
 
 CIFAR_ZIP = (
     Path(__file__).resolve().parents[2] / "shared/data/cifar10_test_jpeg/cifar10_test_jpeg.zip"

@@ -35,7 +35,8 @@ from selfclust.data.augment import augment, normalize  # noqa: E402
 from selfclust.data.streams import eval_batches, train_batches  # noqa: E402
 from selfclust.labels.label_pass import random_bank  # noqa: E402
 from selfclust.shards.write import write_shards  # noqa: E402
-from selfclust.train.loop import Trainer, WorkerContext  # noqa: E402
+from selfclust.train.context import WorkerContext  # noqa: E402
+from selfclust.train.loop import Trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

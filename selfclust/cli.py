@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from selfclust.launch import _atomic_write
+    from selfclust.rundir import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(obj, indent=2))
+    write_json(path, obj)
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -97,6 +95,7 @@ def _pictures(run_dir: Path, data: str | None = None) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfclust.eval.evaluate import evaluate
+    from selfclust.rundir import is_checkpoint_dir
 
     result = evaluate(args.target, data=args.data, batch_size=args.batch_size)
     _print_table(result["heads"], result.get("best_head"), result.get("k_equals_classes", True))
@@ -110,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _write_json(out, result)
     print(f"wrote {out}")
     if args.pictures:
-        if (Path(args.target) / "state.pt").is_file():
+        if is_checkpoint_dir(Path(args.target)):
             raise ValueError("--pictures needs a run dir (pictures are written into it)")
         _pictures(Path(args.target), args.data)
     return 0
@@ -125,6 +124,7 @@ def _probe_workers(text: str) -> int | str:
 def cmd_probe(args: argparse.Namespace) -> int:
     from selfclust.eval.probe import ProbeConfig
     from selfclust.eval.probe_launch import run_probe
+    from selfclust.rundir import is_checkpoint_dir
 
     cfg = ProbeConfig(
         epochs=args.epochs,
@@ -157,7 +157,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         name = f"k-NN {k}"
         print(f"{name:<14}{'':>6}{r['top1']:>9.4f}{r['top5']:>9.4f}")
     target = Path(args.target)
-    default = Path("probe.json") if (target / "state.pt").is_file() else target / "probe.json"
+    default = Path("probe.json") if is_checkpoint_dir(target) else target / "probe.json"
     out = Path(args.out) if args.out else default
     _write_json(out, result)
     print(f"wrote {out}")

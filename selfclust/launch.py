@@ -1,57 +1,20 @@
 """The Ray edge: turn a config and a run dir into a Ray Train ``TorchTrainer`` run.
 
 Everything Ray-specific lives here: starting or joining the cluster, the worker entry point
-that maps Ray's context onto :class:`selfclust.train.loop.WorkerContext`, and the persistent run
-identity (``run.json``) that makes rerunning the same command resume the same run.
+that maps Ray's context onto :class:`selfclust.train.context.WorkerContext`, and the driver side of
+``selfclust train``: data resolution and preflight checks, then ``TorchTrainer.fit``. The run
+dir's files (``run.json`` etc.) are :mod:`selfclust.rundir`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from selfclust.checkpoint import check_compatible
 from selfclust.config import RunConfig
-
-RUN_FILE = "run.json"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
-    """Load or create ``run.json``: the Ray run name and W&B id that persist across reruns.
-
-    A run dir that already belongs to a run with another config is refused, naming the keys.
-    """
-    path = run_dir / RUN_FILE
-    if path.is_file():
-        info = json.loads(path.read_text())
-        check_compatible(info["config"], cfg, f"run dir {run_dir}")
-        info["config"] = cfg.to_dict()  # how-to-run keys (workers, logging) may change
-    else:
-        if run_dir.exists() and any(p.name != "shards" for p in run_dir.iterdir()):
-            raise FileExistsError(
-                f"run dir {run_dir} is not empty and holds no {RUN_FILE}: it is not a selfclust "
-                "run; choose an empty or new --run-dir"
-            )
-        token = uuid.uuid4().hex[:8]
-        info = {"name": f"selfclust-{token}", "wandb_id": f"sc{token}", "config": cfg.to_dict()}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(info, indent=2))
-    _atomic_write(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return info
+from selfclust.rundir import finished_summary, run_identity, write_summary
 
 
 def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
@@ -100,7 +63,8 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from selfclust.train.loop import WorkerContext, train_loop
+    from selfclust.train.context import WorkerContext
+    from selfclust.train.loop import train_loop
 
     # Ray Train's per-report INFO lines ("Reporting training result", "Checkpoint successfully
     # created") would bury the progress lines: warnings and errors only.
@@ -235,55 +199,5 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     summary = dict(metrics["summary"])
     summary["checkpoint"] = result.checkpoint.path
     summary["run_name"] = info["name"]
-    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_summary(run_dir, summary)
     return summary
-
-
-def finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that already ended, if its final checkpoint is intact.
-
-    Rerunning a finished command then costs no Ray cluster; a run whose final checkpoint went
-    missing or is damaged is trained (resumed) again instead.
-    """
-    from selfclust.checkpoint import is_complete
-
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    summary: dict[str, Any] = json.loads(path.read_text())
-    checkpoint = summary.get("checkpoint")
-    return summary if checkpoint and is_complete(Path(checkpoint)) else None
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The final checkpoint recorded in summary.json, else the newest complete one in storage.
-
-    Incomplete directories (a write or an upload cut off half-way) are never chosen.
-    """
-    from selfclust.checkpoint import is_complete
-
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        path = Path(json.loads(summary.read_text())["checkpoint"])
-        if is_complete(path):
-            return path
-    roots = [run_dir / "ray"]
-    info_file = run_dir / RUN_FILE
-    if info_file.is_file():
-        info = json.loads(info_file.read_text())
-        storage = (info.get("config", {}).get("ray") or {}).get("storage_path")
-        if storage and "://" not in storage:
-            roots.insert(0, Path(storage))
-    found = [
-        p.parent
-        for root in roots
-        for p in root.glob("*/checkpoint_*/state.pt")
-        if is_complete(p.parent)
-    ]
-    if not found:
-        raise FileNotFoundError(
-            f"{run_dir} holds no complete checkpoint (no summary.json, nothing complete under "
-            + ", ".join(str(r) for r in roots)
-            + ")"
-        )
-    return max(found, key=lambda d: (d / "state.sha256").stat().st_mtime)

@@ -31,6 +31,47 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _wandb_allowed(cfg: RunConfig) -> bool:
+    """Online mode needs ``WANDB_API_KEY`` in the environment (never read by selfclust)."""
+    return cfg.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY"))
+
+
+def _wandb_run(cfg: RunConfig, wandb_id: str, run_dir: Path, **kwargs: Any) -> Any:
+    """The run's W&B run, resumed by its persistent id: the only ``wandb.init`` of selfclust."""
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        id=wandb_id,
+        resume="allow",
+        mode=cfg.wandb.mode,
+        dir=str(run_dir),
+        settings=wandb.Settings(console="off", silent=True),
+        **kwargs,
+    )
+
+
+def log_images(
+    run_dir: Path, cfg: RunConfig, wandb_id: str, paths: dict[str, Path], step: int
+) -> str:
+    """Log PNGs to the run's W&B run (under ``pictures/``); returns what was done, in words.
+    Online mode without ``WANDB_API_KEY`` is skipped, never an error after a finished run."""
+    mode = cfg.wandb.mode
+    if mode == "disabled":
+        return "W&B disabled in the run's config"
+    if not _wandb_allowed(cfg):
+        return "W&B online but WANDB_API_KEY is not set: pictures not logged"
+    import wandb
+
+    run = _wandb_run(cfg, wandb_id, run_dir)
+    run.define_metric("step")
+    run.define_metric("pictures/*", step_metric="step")
+    run.log({"step": step, **{f"pictures/{k}": wandb.Image(str(p)) for k, p in paths.items()}})
+    run.finish()
+    return f"logged to W&B run {wandb_id} ({mode})"
+
+
 class MetricsLog:
     """Appends one JSON object per line; every line carries ``step`` and ``epoch``."""
 
@@ -42,23 +83,13 @@ class MetricsLog:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.wandb.mode != "disabled":
-            import wandb
-
-            if cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            if not _wandb_allowed(cfg):
                 raise RuntimeError(
                     "wandb.mode=online needs WANDB_API_KEY in the environment "
                     "(or use wandb.mode=offline and `wandb sync` later)"
                 )
-            self._wandb = wandb.init(
-                project=cfg.wandb.project,
-                entity=cfg.wandb.entity,
-                id=wandb_id,
-                resume="allow",
-                mode=cfg.wandb.mode,
-                dir=str(run_dir),
-                config=cfg.to_dict(),
-                tags=cfg.wandb.tags,
-                settings=wandb.Settings(console="off", silent=True),
+            self._wandb = _wandb_run(
+                cfg, wandb_id, run_dir, config=cfg.to_dict(), tags=cfg.wandb.tags
             )
             self._wandb.define_metric("step")
             self._wandb.define_metric("*", step_metric="step")

@@ -65,7 +65,8 @@ def train_rank(
     import torch
 
     from selfclust.config import load_config
-    from selfclust.train.loop import WorkerContext, train_loop
+    from selfclust.train.context import WorkerContext
+    from selfclust.train.loop import train_loop
 
     cfg = load_config(None, [f"data.train={shards}", *overrides])
     saved: list[tuple[dict, str]] = []

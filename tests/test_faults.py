@@ -130,7 +130,7 @@ def test_checkpoint_write_killed_half_way_never_becomes_latest(tmp_path: Path) -
     import torch
 
     from selfclust.checkpoint import IncompatibleCheckpoint, is_complete, read_state, write_state
-    from selfclust.launch import latest_checkpoint
+    from selfclust.rundir import latest_checkpoint
 
     storage = tmp_path / "run" / "ray" / "selfclust-test"
     storage.mkdir(parents=True)

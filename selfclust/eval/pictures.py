@@ -11,8 +11,6 @@ first ``max_samples`` samples are scored, so a huge set costs one bounded CPU pa
 from __future__ import annotations
 
 import itertools
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,35 +265,13 @@ def draw(
 
 
 def log_to_wandb(run_dir: Path, paths: dict[str, Path], step: int) -> str:
-    """Log the PNGs to the run's W&B run (resumed by id); returns what was done, in words.
-    Online mode without ``WANDB_API_KEY`` is skipped, never an error after a finished run."""
-    import yaml
+    """Log the PNGs to the run's W&B run (resumed by the id in ``run.json``); returns what was
+    done, in words."""
+    from selfclust.rundir import read_identity
+    from selfclust.runlog import log_images
 
-    from selfclust.config import RunConfig
-
-    info = json.loads((run_dir / "run.json").read_text())
-    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    mode = cfg.wandb.mode
-    if mode == "disabled":
-        return "W&B disabled in the run's config"
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        return "W&B online but WANDB_API_KEY is not set: pictures not logged"
-    import wandb
-
-    run = wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        id=info["wandb_id"],
-        resume="allow",
-        mode=mode,
-        dir=str(run_dir),
-        settings=wandb.Settings(console="off", silent=True),
-    )
-    run.define_metric("step")
-    run.define_metric("pictures/*", step_metric="step")
-    run.log({"step": step, **{f"pictures/{k}": wandb.Image(str(p)) for k, p in paths.items()}})
-    run.finish()
-    return f"logged to W&B run {info['wandb_id']} ({mode})"
+    info, cfg = read_identity(run_dir)
+    return log_images(run_dir, cfg, info["wandb_id"], paths, step)
 
 
 def run_pictures(
@@ -309,12 +285,12 @@ def run_pictures(
 ) -> dict[str, Any]:
     """Pictures of a finished (or checkpointed) run, written into ``run_dir``."""
     from selfclust.eval.evaluate import load_run
+    from selfclust.eval.scoring import best_head
 
     run_dir = Path(run_dir)
     model, cfg, ckpt, state = load_run(run_dir, data)
     shards = ShardSet.open(data or cfg.data.eval or cfg.data.train, cfg.data.io_timeout_s)
-    head_loss = state["extra"].get("head_loss")
-    head = int(torch.argmin(head_loss).item()) if head_loss is not None and head_loss.any() else 0
+    head = best_head(state["extra"].get("head_loss"))
     a = assign(model, shards, head, cfg.data.image_size, max_samples)
     paths = draw(
         a,

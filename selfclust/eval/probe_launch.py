@@ -88,13 +88,9 @@ def _rank_main(rank: int, world: int, rendezvous: str, kwargs: dict[str, Any]) -
 def _run_config(target: str | Path) -> RunConfig:
     """The run's resolved config, from its final checkpoint (or the checkpoint dir given)."""
     from selfclust.checkpoint import read_state
-    from selfclust.launch import latest_checkpoint
+    from selfclust.rundir import resolve_checkpoint
 
-    target = Path(target)
-    if not target.exists():
-        raise FileNotFoundError(f"{target} does not exist: give a run dir or a checkpoint dir")
-    ckpt = target if (target / "state.pt").is_file() else latest_checkpoint(target)
-    return RunConfig.model_validate(read_state(ckpt)["config"])
+    return RunConfig.model_validate(read_state(resolve_checkpoint(Path(target)))["config"])
 
 
 def _probe_here(

@@ -21,7 +21,7 @@ from selfclust.methods.autoencoder import MLPAutoencoder
 from selfclust.methods.dec import DECNet
 from selfclust.methods.depict import ConvAutoencoder, DEPICTNet
 from selfclust.methods.dgg import DGGNet, GaussianMixturePrior
-from selfclust.models.selflabel import NetOutput
+from selfclust.models.base import NetOutput
 
 _MEAN, _STD = 0.5, 0.25  # selfclust.data.augment.normalize's constants
 

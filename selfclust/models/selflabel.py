@@ -8,24 +8,13 @@ narrow 3-stage ResNet from torchvision's BasicBlocks for the CPU quickstart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock
 
-from selfclust.config import ModelConfig, RunConfig
-
-if TYPE_CHECKING:
-    from selfclust.methods.nets import ClusterNet
-
-
-@dataclass
-class NetOutput:
-    features: torch.Tensor  # [B, D] pooled backbone features
-    logits: list[torch.Tensor]  # T × [B, K]
+from selfclust.config import ModelConfig
+from selfclust.models.base import NetOutput
 
 
 def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
@@ -105,35 +94,3 @@ class SelfLabelNet(nn.Module):
             x = part(x)
             out[name] = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return out
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer, in state_dict order, as contiguous CPU bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def image_side(size: int | None, image: dict | None) -> int | None:
-    """The square side images reach the network at: ``data.image_size``, else the shards' own
-    size when every image is square and equal (None: unknown)."""
-    if size is not None:
-        return size
-    if image and int(image["height"]) == int(image["width"]):
-        return int(image["height"])
-    return None
-
-
-def build_model(cfg: RunConfig, channels: int, side: int | None) -> SelfLabelNet | ClusterNet:
-    """The network of ``cfg.method.name``: SelfLabelNet for SeLa, the paper's own network
-    (:mod:`selfclust.methods.nets`) for DEC, DEPICT and DGG."""
-    m = cfg.method
-    if m.name == "sela":
-        return SelfLabelNet(cfg.model, channels, m.heads, m.clusters)
-    from selfclust.methods.nets import build_cluster_net
-
-    return build_cluster_net(cfg, channels, side)

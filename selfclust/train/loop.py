@@ -8,12 +8,9 @@ same under Ray Train, under ``torchrun``-style spawned gloo ranks in tests, or a
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +22,8 @@ from selfclust.checkpoint import Position, check_compatible, make_state, read_st
 from selfclust.config import RunConfig
 from selfclust.data.augment import augment, normalize
 from selfclust.data.streams import ShardSet, eval_batches, steps_per_epoch, train_batches
-from selfclust.eval.evaluate import score_model
 from selfclust.eval.metrics import clustering_scores, head_agreement
+from selfclust.eval.scoring import BEST_HEAD_RULE, best_head, score_model
 from selfclust.labels.bank import LabelBank
 from selfclust.labels.label_pass import (
     Embedded,
@@ -39,9 +36,11 @@ from selfclust.labels.label_pass import (
 )
 from selfclust.labels.manifold import manifold_labels
 from selfclust.methods.nets import ClusterNet
+from selfclust.methods.registry import build_model
 from selfclust.methods.runner import MethodRunner, build_runner
-from selfclust.models.selflabel import build_model, image_side, model_digest
+from selfclust.models.base import image_side, model_digest
 from selfclust.runlog import MetricsLog, Progress
+from selfclust.train.context import WorkerContext, configure_process
 from selfclust.train.schedule import lr_at, relabel_steps
 
 
@@ -51,23 +50,6 @@ class TrainPosition(Position):
     initialisation not yet done) or ``cluster`` (SeLa always)."""
 
     phase: str = "cluster"
-
-
-@dataclass
-class WorkerContext:
-    rank: int
-    world_size: int
-    device: torch.device
-    # report(metrics, checkpoint_dir or None): a barrier; every rank calls it equally often.
-    report: Callable[[dict[str, Any], str | None], None]
-    checkpoint_dir: str | None  # the checkpoint to restore, if any
-    run_dir: Path
-    wandb_id: str
-    # preemption(): a barrier returning {"deadline_ms", "ranks"} once a node of this worker
-    # group is being reclaimed (Ray's drain notice), else None.
-    preemption: Callable[[], dict[str, Any] | None] = lambda: None
-    # preemption_seen(): this rank's local view of a notice, no barrier (None: unknown).
-    preemption_seen: Callable[[], bool | None] = lambda: False
 
 
 class Trainer:
@@ -619,10 +601,10 @@ class Trainer:
         )
         result = self.evaluate(eval_shards)
         # Best head chosen without ground truth: lowest training loss (as IIC picks its head).
-        best = int(torch.argmin(self.head_loss).item()) if self.head_loss.any() else 0
+        best = best_head(self.head_loss)
         summary: dict[str, Any] = {
             "best_head": best,
-            "best_head_rule": "lowest running training loss (no ground truth used)",
+            "best_head_rule": BEST_HEAD_RULE,
             "heads": result["heads"],
             "steps": self.pos.global_step,
             "epochs": self.pos.epoch,
@@ -655,10 +637,6 @@ class Trainer:
 
 
 def train_loop(cfg: RunConfig, ctx: WorkerContext) -> dict[str, Any]:
-    # torch and faiss each bring their own OpenMP: set both (never in loader workers).
-    torch.set_num_threads(cfg.trainer.cpus_per_worker)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import faiss
-
-    faiss.omp_set_num_threads(cfg.trainer.cpus_per_worker)
+    """Train this rank to the end (or resume it) and return the run's summary."""
+    configure_process(cfg)
     return Trainer(cfg, ctx).run()
