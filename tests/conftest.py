@@ -1,13 +1,15 @@
-"""Shared fixtures."""
+"""Shared fixtures. Test data: tests/helpers/data.py (sklearn digits generated, never read
+from outside the repository; larger sets from SELFCLUST_DATA or ../shared/data, else skipped)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers.data import write_digits_npz
 
 
 @pytest.fixture
@@ -20,29 +22,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    """sklearn digits (1797 real 8×8 images) in 5 WebDataset shards."""
-    from cli_runs import DIGITS
-
-    from selfclust.shards.write import write_shards
-
-    out = tmp_path_factory.mktemp("data") / "digits"
-    write_shards(DIGITS, out, shard_size=400)
-    return out
-
-
-@pytest.fixture(scope="session")
-def reference_run(digits_shards: Path, tmp_path_factory) -> tuple[Path, dict]:
-    """One uninterrupted `selfclust train` on 2 Ray workers (cli_runs.FAULT_RUN): its run dir and
-    its summary as first written. The end-to-end CLI test inspects it; the fault tests compare
-    their interrupted runs' model digests with it."""
-    from cli_runs import STEPS, finish, start, train_cmd
-
-    run = tmp_path_factory.mktemp("reference") / "run"
-    log = run.parent / "log.txt"
-    finish(start(train_cmd(digits_shards, run), log), log)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == STEPS
-    # keep_last=2: Ray prunes older checkpoints (the last deletion may still be in flight)
-    assert len(list(run.glob("ray/*/checkpoint_*"))) <= 3
-    return run, summary
+def digits_npz(tmp_path_factory) -> Path:
+    """sklearn digits as ``sklearn_digits.npz`` (``x`` uint8 [1797, 8, 8], ``y`` int64)."""
+    return write_digits_npz(tmp_path_factory.mktemp("sklearn_digits") / "sklearn_digits.npz")

@@ -1,6 +1,6 @@
 """DEC: formulas against a float64 numpy transcription of the paper, the paper's gradients,
 2 gloo ranks against one process. The short run that beats pixel k-means goes through the
-trainer: tests/test_train_methods.py."""
+trainer: tests/methods/test_runner.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 
 from selfclust.methods import dec
 from selfclust.methods.autoencoder import MLPAutoencoder, denoising_loss, mlp
-
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+from tests.helpers.data import digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,9 +136,9 @@ def _ranks(rank: int, world: int, x: torch.Tensor, labels_a: torch.Tensor) -> di
 
 
 def test_global_statistics_two_ranks_equal_one(tmp_path: Path) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
-    x = torch.from_numpy(np.load(DIGITS)["x"].reshape(-1, 64).astype(np.float32) / 16)
+    x = torch.from_numpy(digits()[0].reshape(-1, 64).astype(np.float32) / 16)
     labels_a = torch.arange(len(x)) % 10
     single = _ranks(0, 1, x, labels_a)
     results = run_ranks(_ranks, 2, tmp_path, x, labels_a)

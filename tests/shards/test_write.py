@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,10 +16,9 @@ import webdataset as wds
 from PIL import Image
 
 from selfclust.shards.write import load_manifest, verify_shards, write_shards
+from tests.helpers.data import MNIST, digits, shared_data
 
-DATA = Path(os.environ.get("SELFCLUST_DATA", Path(__file__).parents[2] / "shared" / "data"))
-MNIST = Path(__file__).parent.parent / "selfclust" / "datasets" / "mnist_test"
-CIFAR_ZIP = DATA / "cifar10_test_jpeg" / "cifar10_test_jpeg.zip"
+CIFAR_ZIP = "cifar10_test_jpeg/cifar10_test_jpeg.zip"  # under the data root (helpers/data.py)
 
 
 def load_idx(path: Path) -> np.ndarray:
@@ -36,17 +34,6 @@ def save_idx(path: Path, a: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, a.ndim]) + np.array(a.shape, ">u4").tobytes()
     with gzip.open(path, "wb") as f:
         f.write(header + a.astype(np.uint8).tobytes())
-
-
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    path = DATA / "sklearn_digits" / "sklearn_digits.npz"
-    if path.exists():
-        with np.load(path) as d:
-            return d["x"], d["y"]
-    from sklearn.datasets import load_digits  # the same data (see the dataset's README)
-
-    d = load_digits()
-    return d.images.astype(np.uint8), d.target.astype(np.int64)
 
 
 def read_all(shard_dir: Path) -> list[dict]:
@@ -106,9 +93,7 @@ def test_npz_round_trip(tmp_path: Path, digits_npz: Path) -> None:
 
 
 def test_rgb_npz_round_trip_without_labels(tmp_path: Path) -> None:
-    path = DATA / "cifar10_test_jpeg" / "cifar10_test_2k.npz"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+    path = shared_data("cifar10_test_jpeg/cifar10_test_2k.npz")
     with np.load(path) as d:
         x = d["x"][:300]
     np.savez(tmp_path / "c.npz", x=x)
@@ -189,11 +174,9 @@ def test_image_folder_png_tree(tmp_path: Path) -> None:
 
 
 def test_image_folder_keeps_jpeg_bytes(tmp_path: Path) -> None:
-    if not CIFAR_ZIP.exists():
-        pytest.skip(f"{CIFAR_ZIP} not available")
     tree = tmp_path / "tree"
     files = []
-    with zipfile.ZipFile(CIFAR_ZIP) as z:
+    with zipfile.ZipFile(shared_data(CIFAR_ZIP)) as z:
         for cls in ["truck", "airplane", "cat"]:
             (tree / cls).mkdir(parents=True)
             for k in range(4):
@@ -417,9 +400,7 @@ def test_torchvision_dataset_on_disk(tmp_path: Path) -> None:
 
 
 def jpeg_tree(root: Path, n: int = 24, upscale: int = 1) -> Path:
-    if not CIFAR_ZIP.exists():
-        pytest.skip(f"{CIFAR_ZIP} not available")
-    with zipfile.ZipFile(CIFAR_ZIP) as z:
+    with zipfile.ZipFile(shared_data(CIFAR_ZIP)) as z:
         for k in range(n):
             cls = ["cat", "dog"][k % 2]
             (root / cls).mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfclust.eval.knn import knn_accuracy, knn_votes, topk_accuracy
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
 
 def brute_votes(train, ytrain, queries, k, t, classes):

@@ -1,7 +1,7 @@
 """DGG: the VaDE-style ELBO against a numpy transcription and a Monte-Carlo estimate, the GMM
 M-step, the k-NN graph against sklearn, JS against scipy, the distributed statistics / graph /
 neighbour fetch on 2 gloo ranks against one process. The short run that beats pixel k-means
-goes through the trainer: tests/test_train_methods.py."""
+goes through the trainer: tests/methods/test_runner.py."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from scipy.stats import norm
 from sklearn.neighbors import NearestNeighbors
 
 from selfclust.methods import dgg, graph
-
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+from tests.helpers.data import digits as load_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits() -> tuple[torch.Tensor, np.ndarray]:
-    d = np.load(DIGITS)
-    return torch.from_numpy(d["x"].reshape(-1, 64).astype(np.float32) / 16), d["y"]
+    x, y = load_digits()
+    return torch.from_numpy(x.reshape(-1, 64).astype(np.float32) / 16), y
 
 
 def setup_elbo(b: int = 6, k: int = 3, m: int = 2, dim: int = 5) -> tuple:
@@ -156,7 +155,7 @@ def _ranks(rank: int, world: int, x: torch.Tensor, gamma: torch.Tensor, need: to
 
 
 def test_distributed_statistics_graph_and_fetch_two_ranks_equal_one(tmp_path: Path) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     x, _ = digits()
     x = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))

@@ -23,8 +23,8 @@ from selfclust.data.reader import DataStats, decode, tar_samples
 from selfclust.data.streams import ShardSet, eval_batches, steps_per_epoch, train_batches
 from selfclust.data.urls import ShardNotFound, open_url, parse_spec
 from selfclust.shards.write import verify_shards, write_shards
-from tests.spawn import run_ranks
-from tests.test_data import digits
+from tests.helpers.data import digits
+from tests.helpers.spawn import run_ranks
 
 B = 32
 N = 1797

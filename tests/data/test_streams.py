@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from selfclust.data.streams import (
     train_batches,
 )
 from selfclust.shards.write import write_shards
+from tests.helpers.data import MNIST, digits
 
 B = 32
-DATA = Path(os.environ.get("SELFCLUST_DATA", Path(__file__).parents[2] / "shared" / "data"))
-MNIST = Path(__file__).parent.parent / "selfclust" / "datasets" / "mnist_test"
 
 
 def load_idx(path: Path) -> np.ndarray:
@@ -36,17 +34,6 @@ def load_idx(path: Path) -> np.ndarray:
     ndim = data[3]
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    path = DATA / "sklearn_digits" / "sklearn_digits.npz"
-    if path.exists():
-        with np.load(path) as d:
-            return d["x"], d["y"]
-    from sklearn.datasets import load_digits  # the same data (see the dataset's README)
-
-    d = load_digits()
-    return d.images.astype(np.uint8), d.target.astype(np.int64)
 
 
 def reshard(src: Path, dst: Path, sizes: list[int]) -> Path:

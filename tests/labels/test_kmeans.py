@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,16 +11,14 @@ from torch import nn
 
 from selfclust.labels.kmeans import assign, assign_torch, kmeans, kmeans_torch, objective
 from selfclust.labels.label_pass import Embedded, heads_from_centroids, kmeans_labels
-
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-
+from tests.helpers.data import digits as load_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
-    x = np.load(DIGITS)["x"].reshape(1797, -1).astype(np.float32)  # [1797, 64] pixel values
+    x = load_digits()[0].reshape(1797, -1).astype(np.float32)  # [1797, 64] pixel values
     return torch.from_numpy(x)
 
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from selfclust.methods import depict as D
-
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+from tests.helpers.data import digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,9 +148,9 @@ def _ranks(rank: int, world: int, p: torch.Tensor) -> dict:
 
 
 def test_column_sums_two_ranks_equal_one(tmp_path: Path) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
-    x = torch.from_numpy(np.load(DIGITS)["x"].reshape(-1, 64).astype(np.float32) / 16)
+    x = torch.from_numpy(digits()[0].reshape(-1, 64).astype(np.float32) / 16)
     torch.manual_seed(0)
     p = torch.softmax(x @ torch.randn(64, 10), 1)  # real-data-driven predictions
     single = _ranks(0, 1, p)
@@ -211,8 +210,7 @@ def test_augmented_inputs_in_the_nets_pixel_convention(pixels: str) -> None:
 
     cfg = load_config(None, ["method.name=depict", "method.heads=1", f"method.pixels={pixels}"])
     net = build_cluster_net(cfg, 1, 8)
-    d = np.load(DIGITS)
-    images = torch.from_numpy((d["x"][:32].astype(np.int64) * 255 // 16).astype(np.uint8))
+    images = torch.from_numpy((digits()[0][:32].astype(np.int64) * 255 // 16).astype(np.uint8))
     images = images.reshape(-1, 1, 8, 8)
     idx = torch.arange(100, 132)
     off = dict(hflip=0, brightness=0, contrast=0, saturation=0, jitter_p=0, grayscale=0)

@@ -14,13 +14,11 @@ from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels, sinkh
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards
 
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
+def shards(digits_npz: Path, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("digits") / "shards"
-    write_shards(DIGITS, out, shard_size=300)  # 6 shards, the last one short
+    write_shards(digits_npz, out, shard_size=300)  # 6 shards, the last one short
     return str(out)
 
 
@@ -57,7 +55,7 @@ def label_pass(rank: int, world: int, shard_dir: str) -> dict:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_label_pass_distributed_equals_single(tmp_path: Path, shards: str, world: int) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     single = label_pass(0, 1, shards)
     results = run_ranks(label_pass, world, tmp_path, shards)

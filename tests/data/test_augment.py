@@ -2,16 +2,15 @@
 colour ops equal torchvision v2's."""
 
 import io
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from selfclust.config import AugmentConfig
 from selfclust.data.augment import LoaderAugment, _params, augment, augment_views, colour, normalize
+from tests.helpers.data import shared_data
 
 
 def _images(n=6, c=3, s=16):
@@ -51,13 +50,8 @@ def test_flip_and_grayscale_and_size():
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
 
 
-CIFAR = Path(__file__).parents[2] / "shared" / "data" / "cifar10_test_jpeg" / "cifar10_test_2k.npz"
-
-
 def _cifar(n=48) -> torch.Tensor:
-    if not CIFAR.exists():
-        pytest.skip(f"{CIFAR} not available")
-    with np.load(CIFAR) as d:
+    with np.load(shared_data("cifar10_test_jpeg/cifar10_test_2k.npz")) as d:
         return torch.from_numpy(d["x"][:n]).permute(0, 3, 1, 2).contiguous()
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from selfclust.shards.write import write_shards
 
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 OVERRIDES = [
     "model.arch=small_resnet",
     "model.widths=[8,16]",
@@ -29,20 +28,20 @@ OVERRIDES = [
 def run_rank(
     rank: int, world: int, shards: str, out: str, resume_from: str | None, *extra: str
 ) -> dict:
-    from spawn import train_rank
+    from tests.helpers.spawn import train_rank
 
     return train_rank(rank, world, shards, out, [*OVERRIDES, *extra], resume_from)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
+def shards(digits_npz: Path, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("digits") / "shards"
-    write_shards(DIGITS, out, shard_size=250)
+    write_shards(digits_npz, out, shard_size=250)
     return str(out)
 
 
 def test_two_ranks_agree_and_resume_exactly(shards: str, tmp_path: Path) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     full = run_ranks(run_rank, 2, tmp_path / "full", shards, str(tmp_path / "full"), None)
     s0, s1 = full[0]["summary"], full[1]["summary"]
@@ -91,7 +90,7 @@ def test_two_ranks_agree_and_resume_exactly(shards: str, tmp_path: Path) -> None
 
 def test_bf16_autocast_path_trains(shards: str, tmp_path: Path) -> None:
     """The GPU path's bf16 autocast also runs on CPU (precision=bf16): CI exercises its code."""
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     out = run_ranks(run_rank_bf16, 1, tmp_path, shards, str(tmp_path))
     summary = out[0]["summary"]
@@ -110,7 +109,7 @@ def run_rank_bf16(rank: int, world: int, shards: str, out: str) -> dict:
 def test_loader_augment_path_trains(shards: str, tmp_path: Path) -> None:
     """augment.where=loader: loader workers crop and jitter, the step only standardises; the
     run trains like the device path."""
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     out = run_ranks(run_rank_loader, 1, tmp_path, shards, str(tmp_path))
     assert out[0]["summary"]["steps"] == 2 * (1797 // 64)

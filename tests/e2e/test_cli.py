@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import STEPS, train_cmd
 
-ROOT = Path(__file__).parents[1]
-DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+from selfclust.eval.evaluate import load_run
+from selfclust.models.base import model_digest
+from tests.helpers.cli_runs import ROOT, STEPS, train_cmd
 
 
 def selfclust(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -28,9 +28,9 @@ def selfclust(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(digits_npz: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "digits"
-    r = selfclust("shard", str(DIGITS), str(out), "--shard-size", "400")
+    r = selfclust("shard", str(digits_npz), str(out), "--shard-size", "400")
     assert r.returncode == 0, r.stderr
     assert "1797 samples in 5 shards" in r.stdout
     return out
@@ -40,8 +40,9 @@ def shards(tmp_path_factory) -> Path:
 def test_train_evaluate_resume(
     digits_shards: Path, reference_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    """`selfclust train` (the session's reference run, tests/cli_runs.py) → summary, metrics, W&B;
-    then `evaluate`, a rerun that resumes with nothing left to train, a refused config."""
+    """`selfclust train` (the session's reference run, tests/helpers/cli_runs.py) → summary,
+    metrics, W&B; then `evaluate`, a rerun that resumes with nothing left to train, a refused
+    config."""
     run, summary = reference_run
     args = train_cmd(digits_shards, run)[3:]  # from "train" on
     printed = (run.parent / "log.txt").read_text()
@@ -50,9 +51,14 @@ def test_train_evaluate_resume(
     assert summary["steps"] == STEPS and summary["epochs"] == 8
     assert len(summary["heads"]) == 2 and summary["num_samples"] == 1797
     for key in ("acc", "nmi", "ari"):
-        assert 0 <= summary[key] <= 1 or key == "ari"
+        # ACC and NMI lie in [0, 1], ARI in [-1, 1] with 0 for chance: a trained run is above it
+        assert (0 < summary[key] <= 1) if key == "ari" else (0 <= summary[key] <= 1), key
         assert summary[key] == summary["heads"][summary["best_head"]][key]
     assert len(summary["model_digest"]) == 64
+    # the digest is the final checkpoint's model's, recomputed here from its saved state
+    model, _, ckpt, _ = load_run(run)
+    assert ckpt.resolve() == Path(summary["checkpoint"]).resolve()
+    assert model_digest(model) == summary["model_digest"]
     assert (Path(summary["checkpoint"]) / "state.pt").is_file()
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -74,6 +80,8 @@ def test_train_evaluate_resume(
     ev = json.loads(out.read_text())
     for a, b in zip(ev["heads"], summary["heads"], strict=True):
         assert a["acc"] == pytest.approx(b["acc"]) and a["nmi"] == pytest.approx(b["nmi"])
+        assert a["ari"] == pytest.approx(b["ari"])
+    assert ev["ari"] == pytest.approx(summary["ari"]) and ev["best_head"] == summary["best_head"]
 
     # the same command again resumes from the final checkpoint: nothing more to train
     r = selfclust(*args)

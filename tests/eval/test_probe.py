@@ -20,10 +20,9 @@ from selfclust.eval.probe_launch import AUTO_MIN_SAMPLES, resolve_workers, run_p
 from selfclust.labels.bank import LabelBank
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards
-from tests.spawn import run_ranks
+from tests.helpers.spawn import run_ranks
 
-ROOT = Path(__file__).parents[1]
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+ROOT = Path(__file__).parents[2]  # the repository
 FAST = dict(epochs=15, batch_size=128, views=1, knn_k=(20,))
 
 
@@ -79,9 +78,9 @@ def test_bad_config_is_refused():
 
 
 @pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> Path:
+def digit_shards(digits_npz: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("probe") / "digits"
-    write_shards(str(DIGITS), out, shard_size=400)
+    write_shards(str(digits_npz), out, shard_size=400)
     return out
 
 

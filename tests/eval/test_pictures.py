@@ -21,13 +21,11 @@ from selfclust.labels.bank import LabelBank
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards
 
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(digits_npz: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pictures") / "digits"
-    write_shards(str(DIGITS), out, shard_size=600)
+    write_shards(str(digits_npz), out, shard_size=600)
     return out
 
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import (
+
+from tests.helpers.cli_runs import (
     FAULT_RUN,
     STEPS,
     STEPS_PER_EPOCH,

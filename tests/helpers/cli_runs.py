@@ -11,9 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).parents[1]
-DIGITS = ROOT.parent / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+ROOT = Path(__file__).parents[2]  # the repository
 # The reference run. Long enough (8 epochs × 28 steps) that faults injected around steps 52
 # and 90 land mid-run; two heads so that the summary's best-head rule has a choice. Label
 # updates at steps 52, 108 and 165, all mid-epoch (relabel_power 1.05; the quickstart's 1.0
@@ -106,3 +106,18 @@ def complete_checkpoints(run: Path) -> list[Path]:
     from selfclust.checkpoint import is_complete
 
     return [p for p in run.glob("ray/*/checkpoint_*") if is_complete(p)]
+
+
+SUBMIT = ROOT / "launch" / "submit.sh"
+
+
+def submit(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess:
+    """``bash launch/submit.sh *args`` from the repository, output captured."""
+    return subprocess.run(
+        ["bash", str(SUBMIT), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )

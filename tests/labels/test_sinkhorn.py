@@ -18,9 +18,7 @@ from selfclust.collectives import WORLD
 from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 from selfclust.labels.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
 from selfclust.threads import keep_torch_threads
-
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
-
+from tests.helpers.data import digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,9 +132,9 @@ def confident_digit_logits() -> torch.Tensor:
     """Real data, confident scores: −||x − μ_c||² / 200 to the 10 class means of sklearn's
     digits (median top-2 margin 2.6, like a trained head). Plain Sinkhorn at λ = 25 is still
     0.4 % off after 1000 iterations here (classes of 174-183 samples must be evened out)."""
-    d = np.load(DIGITS)
-    x = torch.from_numpy(d["x"].reshape(len(d["x"]), -1)).double()
-    y = torch.from_numpy(d["y"]).long()
+    dx, dy = digits()
+    x = torch.from_numpy(dx.reshape(len(dx), -1)).double()
+    y = torch.from_numpy(dy).long()
     mu = torch.stack([x[y == c].mean(0) for c in range(10)])
     return (-torch.cdist(x, mu).square() / 200).float()
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from selfclust.shards.write import write_shards
+from tests.helpers.data import MNIST
+from tests.helpers.data import digits as load_digits
 
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
 BASE = [
     "method.heads=1",
     "method.clusters=10",
@@ -69,7 +70,7 @@ SHORT = [
 def run_rank(
     rank: int, world: int, shards: str, out: str, overrides: list[str], resume: str | None
 ) -> dict:
-    from spawn import train_rank
+    from tests.helpers.spawn import train_rank
 
     return train_rank(rank, world, shards, out, [*BASE, *overrides], resume)
 
@@ -85,12 +86,12 @@ def run_methods(rank: int, world: int, shards: str, out: str, runs: dict) -> dic
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
     """sklearn digits (values 0..16) stretched to 0..255 and sharded, as a user would."""
-    d = np.load(DIGITS)
-    x = (d["x"].astype(np.int64) * 255 // 16).astype(np.uint8)
+    dx, dy = load_digits()
+    x = (dx.astype(np.int64) * 255 // 16).astype(np.uint8)
     root = tmp_path_factory.mktemp("digits")
-    np.savez(root / "digits.npz", x=x, y=d["y"])
+    np.savez(root / "digits.npz", x=x, y=dy)
     write_shards(root / "digits.npz", root / "shards", shard_size=250)
-    return str(root / "shards"), x, d["y"]
+    return str(root / "shards"), x, dy
 
 
 def _state(path: str) -> dict:
@@ -116,7 +117,7 @@ def _close(a: object, b: object, path: str = "") -> None:
 
 
 def test_world_two_matches_one_and_dec_stops_together(digits, tmp_path: Path) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     shards = digits[0]
     common = ["method.pretrain_epochs=0", "optim.epochs=1", "method.relabels=3"]
@@ -156,7 +157,7 @@ def test_dgg_and_depict_resume_exactly(digits, tmp_path: Path) -> None:
     mid-clustering; DEPICT with a manifold refresh (one-hot targets from UMAP + GMM, held in
     the bank) resumed from before it (the resumed run redoes it, in a new process) and from
     after it. Each ends bit-identical to its uninterrupted run, on both ranks."""
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     shards = digits[0]
     common = ["optim.epochs=2", "method.relabels=3", "checkpoint.every_steps=8"]
@@ -221,7 +222,7 @@ def pixel_acc(digits) -> float:
 
 @pytest.mark.parametrize("method", ["dec", "dgg"])
 def test_short_run_beats_pixel_kmeans(method: str, digits, pixel_acc: float, tmp_path) -> None:
-    from spawn import run_ranks
+    from tests.helpers.spawn import run_ranks
 
     over = [f"method.name={method}", *SHORT, *RECIPES[method]]
     summary = run_ranks(run_rank, 1, tmp_path, digits[0], str(tmp_path), over, None)[0]["summary"]
@@ -238,12 +239,11 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
     2x2 maps and DEPICT stays below pixel k-means (0.73 against 0.79)."""
     import gzip
 
-    from spawn import run_ranks
-
     from selfclust.eval.metrics import cluster_accuracy
     from selfclust.labels.kmeans import assign, kmeans
+    from tests.helpers.spawn import run_ranks
 
-    raw = Path(__file__).parents[2] / "shared" / "data" / "mnist_test"
+    raw = MNIST  # the built-in copy (byte-identical to the shared one)
     images = gzip.open(raw / "t10k-images-idx3-ubyte.gz").read()
     labels = gzip.open(raw / "t10k-labels-idx1-ubyte.gz").read()
     x = np.frombuffer(images, np.uint8, offset=16).reshape(-1, 28, 28)[:2000]

@@ -20,17 +20,16 @@ from selfclust.labels.manifold import (
     match_ids,
     vote,
 )
-from tests.spawn import run_ranks
-
-DIGITS = Path(__file__).parents[2] / "shared" / "data" / "sklearn_digits" / "sklearn_digits.npz"
+from tests.helpers.data import digits as load_digits
+from tests.helpers.spawn import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    d = np.load(DIGITS)
-    return d["x"].reshape(len(d["x"]), -1).astype(np.float32), d["y"].astype(np.int64)
+    x, y = load_digits()
+    return x.reshape(len(x), -1).astype(np.float32), y.astype(np.int64)
 
 
 def test_umap_gmm_beats_kmeans_on_digits(digits: tuple[np.ndarray, np.ndarray]) -> None:
@@ -210,15 +209,14 @@ def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
         assert torch.equal(soft[0], runner.model.scores(x).argmax(1))
 
 
-def test_worker_loop_with_manifold_label_updates(tmp_path: Path) -> None:
+def test_worker_loop_with_manifold_label_updates(digits_npz: Path, tmp_path: Path) -> None:
     """The real worker loop (one rank, in this process): the first labels and the last label
     updates come from UMAP + GMM, the one between from Sinkhorn, and the run ends above
     raw-pixel k-means on digits (ACC 0.792, best of 5; see docs/methods.md)."""
-    from spawn import train_rank
-
     from selfclust.shards.write import write_shards
+    from tests.helpers.spawn import train_rank
 
-    write_shards(DIGITS, tmp_path / "shards", shard_size=500)
+    write_shards(digits_npz, tmp_path / "shards", shard_size=500)
     over = [
         "model.arch=small_resnet",
         "model.widths=[16,32]",
