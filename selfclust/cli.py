@@ -1,4 +1,4 @@
-"""The ``selfclust`` command: shard, train, evaluate, probe."""
+"""The ``selfclust`` command: shard, train, evaluate, probe, config."""
 
 from __future__ import annotations
 
@@ -164,7 +164,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from selfclust.config_doc import render
+
+    sys.stdout.write(render(args.format, args.method))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from selfclust.config import METHODS
+    from selfclust.config_doc import FORMATS
+
     p = argparse.ArgumentParser(
         prog="selfclust",
         description="Self-labelling (SeLa) at scale: shard data, train on Ray, evaluate.",
@@ -257,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: the run's trainer.num_workers above 50,000 samples, else 1",
     )
     pr.set_defaults(func=cmd_probe)
+
+    c = sub.add_parser(
+        "config", help="every config key with its type, default and description (docs/config.md)"
+    )
+    c.add_argument("--method", choices=METHODS, help="only the keys this method reads")
+    c.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text; markdown (docs/config.md); yaml: a complete commented config of the "
+        "defaults that `selfclust train` accepts",
+    )
+    c.set_defaults(func=cmd_config)
     return p
 
 
