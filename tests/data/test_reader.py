@@ -19,10 +19,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from selfclust.data.plan import steps_per_epoch
 from selfclust.data.reader import DataStats, decode, tar_samples
-from selfclust.data.streams import ShardSet, eval_batches, steps_per_epoch, train_batches
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import eval_batches, train_batches
 from selfclust.data.urls import ShardNotFound, open_url, parse_spec
-from selfclust.shards.write import verify_shards, write_shards
+from selfclust.shards.verify import verify_shards
+from selfclust.shards.write import write_shards
 from tests.helpers.data import digits
 from tests.helpers.spawn import run_ranks
 
@@ -182,12 +185,8 @@ def test_corrupt_counts_reach_every_rank_of_a_train_epoch(corrupt: Path) -> None
     it = train_batches(shards, 0, 1, 3, 0, 0, shuffle_buffer=50)
     idx = [i for _, b in it for i in b.tolist()]
     assert len(idx) == N and set(idx) == set(range(N)) - set(BAD)
-    assert it.stats.corrupt_images == len(BAD)
-    assert it.stats.metrics() == {
-        "data_corrupt_images": 3,
-        "data_missing_samples": 0,
-        "data_bad_shards": 0,
-    }
+    assert it.stats.corrupt_images == len(BAD) == 3
+    assert it.stats.missing_samples == 0 and it.stats.bad_shards == {}
 
 
 def test_bomb_refused_by_decoder_and_writer(tmp_path: Path) -> None:
@@ -295,7 +294,7 @@ def test_label_pass_count_all_reduced_over_ranks(corrupt: Path, tmp_path: Path) 
 def test_training_survives_corrupt_images_and_reports_them(corrupt: Path, tmp_path: Path) -> None:
     """2 gloo ranks train on shards with 3 bad images: the run completes, the label passes
     skip and count them, and summary.json reports what training met."""
-    from tests.test_train import run_rank
+    from tests.train.test_loop import run_rank
 
     out = run_ranks(run_rank, 2, tmp_path / "ranks", str(corrupt), str(tmp_path), None)
     summary = out[0]["summary"]
