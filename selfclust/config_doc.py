@@ -149,7 +149,8 @@ def render_text(method: str | None = None) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Text for a Markdown table cell: ``|`` would end the cell, a lone ``*`` start emphasis."""
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def render_markdown(method: str | None = None) -> str:
@@ -173,14 +174,14 @@ def render_markdown(method: str | None = None) -> str:
         f"sela, dec, depict and dgg). Keys per method: {counts}.",
     ]
     for s in sections(method):
-        title = f"`{s.name}`: {s.description}" if s.name else "Top level"
+        title = f"`{s.name}`: {_cell(s.description)}" if s.name else "Top level"
         lines += ["", f"## {title}", ""]
         lines += ["| key | type | default | methods | description |", "|---|---|---|---|---|"]
         for k in s.keys:
             cells = [
                 f"`{k.name}`",
                 _cell(k.type),
-                f"`{_cell(yaml_value(k.default))}`",
+                "`" + yaml_value(k.default).replace("|", "\\|") + "`",  # no escapes in code
                 _methods_label(k.methods),
                 _cell(k.description),
             ]
