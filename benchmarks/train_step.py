@@ -152,7 +152,7 @@ def main() -> None:
         t_fwd, t_embed, t_relabel = math.inf, math.inf, math.inf
         for _ in range(2):
             t_fwd = min(t_fwd, timed(forward_all))
-            t_embed = min(t_embed, timed(lambda: tr._embed(tr.shards)))
+            t_embed = min(t_embed, timed(lambda: tr.method.embed(tr.label_batches(), tr.n, False)))
             t_relabel = min(t_relabel, timed(tr.relabel))
         print(
             f"\n| label pass over {tr.n} images | s | × bare forward |\n|---|---|---|\n"

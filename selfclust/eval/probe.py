@@ -33,9 +33,11 @@ from torch import nn
 from selfclust import collectives as C
 from selfclust.config import AugmentConfig
 from selfclust.data.augment import augment, normalize
-from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import eval_batches
 from selfclust.eval.knn import knn_accuracy
 from selfclust.models.selflabel import SelfLabelNet
+from selfclust.seeds import probe_epoch_seed
 
 
 @dataclass
@@ -177,7 +179,9 @@ def train_linear(
     total, step = steps * cfg.epochs, 0
     y = train.cls
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        perm = torch.randperm(
+            n, generator=torch.Generator().manual_seed(probe_epoch_seed(cfg.seed, epoch))
+        )
         where = torch.empty(n, dtype=torch.int64)
         where[perm] = torch.arange(n)
         local_pos, local_rows = torch.sort(where[gpos])  # this rank's rows in epoch order

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from selfclust import collectives as C
+from selfclust.seeds import sample_order_seed
 
 Backend = Literal["auto", "faiss", "torch"]
 # Starting centroids: k distinct random points; k-means++ (D² sampling, Arthur & Vassilvitskii
@@ -238,7 +239,9 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def global_sample(num_samples: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The seeded global sample of ``min(samples, N)`` indices: a mask ``[N]`` and the sorted
     indices. A pure function of (N, samples, seed), so every rank knows it without talking."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919))
+    order = torch.randperm(
+        num_samples, generator=torch.Generator().manual_seed(sample_order_seed(seed))
+    )
     position = torch.empty_like(order)
     position[order] = torch.arange(num_samples)
     mask = position < samples

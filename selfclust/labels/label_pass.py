@@ -20,6 +20,7 @@ from selfclust import collectives as C
 from selfclust.data.augment import normalize
 from selfclust.labels.kmeans import Seeding, assign, distributed_centroids, sample_pool
 from selfclust.labels.sinkhorn import LinearLogits, sinkhorn_knopp
+from selfclust.seeds import head_seed
 
 
 @dataclass
@@ -242,6 +243,6 @@ def random_bank(heads: int, num_samples: int, clusters: int, seed: int) -> torch
     """Equal-size random labels ``[T, N]``: a seeded permutation of 0..N-1, modulo K."""
     out = []
     for t in range(heads):
-        g = torch.Generator().manual_seed(seed * 1000 + t)
+        g = torch.Generator().manual_seed(head_seed(seed, t))
         out.append(torch.randperm(num_samples, generator=g) % clusters)
     return torch.stack(out)

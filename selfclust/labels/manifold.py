@@ -27,6 +27,7 @@ import torch
 
 from selfclust import collectives as C
 from selfclust.labels.kmeans import _check_not_in_loader_worker, _faiss, global_sample, sample_pool
+from selfclust.seeds import candidate_seed
 from selfclust.threads import keep_torch_threads
 
 Select = Literal["silhouette", "consensus"]  # how cluster_pool picks among candidates
@@ -108,7 +109,7 @@ def _partitions(
 
     parts = []
     for c in range(candidates):
-        s = seed + 7919 * c
+        s = candidate_seed(seed, c)
         z = umap.UMAP(
             n_neighbors=neighbors,
             n_components=dim,

@@ -137,7 +137,7 @@ def _depict_runner(samples: int) -> Any:
     """A DEPICT runner whose embedding is the 64 digit pixels (same seeded head everywhere)."""
     from selfclust.config import load_config
     from selfclust.methods.nets import build_cluster_net
-    from selfclust.methods.runner import build_runner
+    from selfclust.methods.registry import build_runner
 
     over = ["method.name=depict", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
             "method.manifold_neighbors=15", f"method.kmeans_samples={samples}",
@@ -255,7 +255,7 @@ def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray
     from selfclust.labels.kmeans import global_sample
     from selfclust.labels.label_pass import Embedded
     from selfclust.methods.nets import build_cluster_net
-    from selfclust.methods.runner import build_runner
+    from selfclust.methods.registry import build_runner
 
     x, y = torch.from_numpy(digits[0]), digits[1]
     over = [f"method.name={method}", "method.heads=1", "method.clusters=10", "method.embed_dim=64",

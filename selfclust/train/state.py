@@ -1,0 +1,93 @@
+"""The loop's own state, each part with ``state_dict`` / ``load_state_dict`` so that a resumed
+run logs, picks its best head and reports bad data exactly as an uninterrupted one."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from selfclust.checkpoint import Position
+
+
+@dataclass
+class TrainPosition(Position):
+    """:class:`Position` plus the phase: ``pretrain`` (DEC/DEPICT/DGG reconstruction epochs,
+    initialisation not yet done) or ``cluster`` (SeLa always)."""
+
+    phase: str = "cluster"
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LossTracker:
+    """Losses between metrics lines (a window) and each head's running mean (the best head).
+
+    A logged vector is ``[T]`` per-head losses followed by one entry per named term.
+    """
+
+    def __init__(self, heads: int, terms: tuple[str, ...]) -> None:
+        self.heads, self.terms = heads, terms
+        self.head_loss = torch.zeros(heads)  # EMA of each head's loss (for the best head)
+        self.window_loss = torch.zeros(heads + len(terms))  # summed since the last line
+        self.window_n = 0
+
+    def add(self, losses: torch.Tensor) -> None:
+        self.window_loss += losses.cpu()
+        self.window_n += 1
+
+    def flush(self) -> torch.Tensor:
+        """The window's mean vector (this rank); the window restarts."""
+        mean = self.window_loss / self.window_n
+        self.window_loss.zero_()
+        self.window_n = 0
+        return mean
+
+    def update_heads(self, mean_losses: torch.Tensor) -> None:
+        """Fold one window's mean per-head loss (all ranks) into the running mean."""
+        self.head_loss = (
+            0.9 * self.head_loss + 0.1 * mean_losses
+            if self.head_loss.any()
+            else (mean_losses.clone())
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "head_loss": self.head_loss.clone(),
+            "window_loss": self.window_loss.clone(),
+            "window_n": self.window_n,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head_loss = state["head_loss"].clone()
+        self.window_loss = state["window_loss"].clone()
+        self.window_n = int(state["window_n"])
+
+
+class DataHealth:
+    """Bad data met in training over the whole run, all ranks: corrupt images, samples of
+    unreadable shards, unreadable shards (each encounter counted)."""
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(3, dtype=torch.int64)
+
+    @staticmethod
+    def epoch_counts(batches: Any) -> torch.Tensor:
+        """This rank's bad-data counts in the epoch so far (summed over loader workers)."""
+        st = batches.stats
+        return torch.tensor([st.corrupt_images, st.missing_samples, len(st.bad_shards)])
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "data_corrupt_images": int(self.counts[0]),
+            "data_missing_samples": int(self.counts[1]),
+            "data_bad_shards": int(self.counts[2]),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_bad": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = state.get("data_bad", self.counts).clone()
