@@ -1,4 +1,5 @@
-"""Images/s of read + decode + augment: selfclust shards vs torchvision ImageFolder + DataLoader.
+"""Images/s of read + decode + augment: selfclust's reader vs webdataset's own pipeline and
+torchvision's ImageFolder, each with a DataLoader.
 
 Both read the same JPEGs (the CIFAR-10 test set, and 224-px upscaled copies) with the same
 number of loader workers and batch size, and end with the augmented, standardised float batch
@@ -8,6 +9,11 @@ number of loader workers and batch size, and end with the augmented, standardise
 * ``imagefolder``: ``ImageFolder`` + torchvision transforms v2 per sample in the workers;
 * ``shards/device``: selfclust's default; workers decode, the batch is augmented at once
   (here on the CPU in the main process; on a GPU in training);
+* ``webdataset``: the same shard files through ``wds.WebDataset`` (shard shuffle, split by
+  worker, a 2000-sample shuffle buffer as ``data.shuffle_buffer``) + ``DataLoader``, with the
+  same decode (:func:`selfclust.data.reader.decode`) and the same batch augmentation as
+  ``shards/device``: the ratio between the two is the cost of selfclust's reader (global
+  index, equal steps per rank, bad-data accounting);
 * ``shards/loader``: ``augment.where=loader``; workers decode, crop and jitter
   (:class:`selfclust.data.augment.LoaderAugment`), the main process standardises.
 
@@ -35,7 +41,9 @@ from torchvision.transforms import v2
 
 from selfclust.config import AugmentConfig
 from selfclust.data.augment import augment, normalize
-from selfclust.data.streams import ShardSet, train_batches
+from selfclust.data.collate import Decoder
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import train_batches
 from selfclust.shards.write import write_shards
 
 ZIP = Path(__file__).parents[2] / "shared" / "data" / "cifar10_test_jpeg" / "cifar10_test_jpeg.zip"
@@ -91,6 +99,23 @@ def shards_device(shards: ShardSet, size: int, workers: int, batch: int) -> Iter
     return (augment(images, idx, CFG, 0, 0, size) for images, idx in it)
 
 
+def webdataset_pipeline(
+    shards: ShardSet, size: int, workers: int, batch: int
+) -> Iterable[torch.Tensor]:
+    import webdataset as wds
+
+    decoder = Decoder(shards.channels, size, None)
+    ds = (
+        wds.WebDataset(shards.urls, shardshuffle=len(shards.urls), empty_check=False)
+        .shuffle(2000)
+        .map(decoder.one)
+        .select(lambda item: item is not None)
+        .batched(batch, collation_fn=decoder.batch, partial=False)
+    )
+    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    return (augment(images, idx, CFG, 0, 0, size) for images, idx, _ in loader)
+
+
 def shards_loader(shards: ShardSet, size: int, workers: int, batch: int) -> Iterable[torch.Tensor]:
     it = train_batches(
         shards, 0, 1, batch, 0, 0, num_workers=workers, image_size=size, loader_augment=CFG
@@ -127,6 +152,7 @@ def main() -> None:
         cases: dict[str, Callable[[], Iterable[torch.Tensor]]] = {
             "imagefolder": lambda t=tree, s=size: imagefolder(t, s, w, b),
             "shards/device": lambda d=shards, s=size: shards_device(d, s, w, b),
+            "webdataset": lambda d=shards, s=size: webdataset_pipeline(d, s, w, b),
             "shards/loader": lambda d=shards, s=size: shards_loader(d, s, w, b),
         }
         rates: dict[str, list[float]] = {k: [] for k in cases}
@@ -140,15 +166,16 @@ def main() -> None:
         f"{args.threads}, median of {args.repeats} epochs (images/s)\n"
     )
     print(
-        "| images | ImageFolder + v2 | shards, device aug. | ratio | shards, loader aug. | ratio |"
+        "| images | ImageFolder + v2 | webdataset + DataLoader | selfclust, device aug. "
+        "| ÷ webdataset | ÷ ImageFolder | selfclust, loader aug. | ÷ ImageFolder |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["median"]
-        base = m["imagefolder"]
+        base, wds_rate, dev = m["imagefolder"], m["webdataset"], m["shards/device"]
         print(
-            f"| {r['images']} × {r['set']} | {base:.0f} | {m['shards/device']:.0f} | "
-            f"{m['shards/device'] / base:.2f}× | {m['shards/loader']:.0f} | "
+            f"| {r['images']} × {r['set']} | {base:.0f} | {wds_rate:.0f} | {dev:.0f} | "
+            f"{dev / wds_rate:.2f}× | {dev / base:.2f}× | {m['shards/loader']:.0f} | "
             f"{m['shards/loader'] / base:.2f}× |"
         )
     if args.out:
