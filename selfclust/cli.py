@@ -16,7 +16,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from selfclust.shards.upload import UploadError
-    from selfclust.shards.write import parse_bytes, verify_shards, write_shards
+    from selfclust.shards.verify import verify_shards
+    from selfclust.shards.write import parse_bytes, write_shards
 
     if args.verify:
         report = verify_shards(args.source, decode=args.decode)
@@ -171,16 +172,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from selfclust.config import METHODS
-    from selfclust.config_doc import FORMATS
-
-    p = argparse.ArgumentParser(
-        prog="selfclust",
-        description="Self-labelling (SeLa) at scale: shard data, train on Ray, evaluate.",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_shard(sub: Any) -> None:
     s = sub.add_parser(
         "shard",
         help="write WebDataset shards + manifest.json from a dataset (or --verify a shard set)",
@@ -218,12 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", action="store_true", help="with --verify: decode every image too")
     s.set_defaults(func=cmd_shard)
 
+
+def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train (or resume) a run")
     t.add_argument("config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     t.add_argument("--run-dir", help="run directory (default runs/CONFIG_NAME); rerun to resume")
     t.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="score each head against ground truth (NMI, ARI, ACC)")
     e.add_argument("target", help="a run dir or a checkpoint dir")
     e.add_argument("--data", help="shard dir to evaluate on (default: the run's eval data)")
@@ -236,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_probe(sub: Any) -> None:
     pr = sub.add_parser(
         "probe", help="linear probe per ResNet stage and weighted k-NN on frozen features"
     )
@@ -268,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.set_defaults(func=cmd_probe)
 
+
+def _add_config(sub: Any) -> None:
+    from selfclust.config import METHODS
+    from selfclust.config_doc import FORMATS
+
     c = sub.add_parser(
         "config", help="every config key with its type, default and description (docs/config.md)"
     )
@@ -280,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults that `selfclust train` accepts",
     )
     c.set_defaults(func=cmd_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="selfclust",
+        description="Self-labelling (SeLa) at scale: shard data, train on Ray, evaluate.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_shard, _add_train, _add_evaluate, _add_probe, _add_config):
+        add(sub)
     return p
 
 
