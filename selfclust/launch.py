@@ -22,7 +22,8 @@ def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
     relative local path becomes absolute (from where the command runs: the Ray workers run
     in another directory)."""
     from selfclust.data.urls import is_local
-    from selfclust.shards.write import BUILTIN, write_shards
+    from selfclust.shards.sources import BUILTIN
+    from selfclust.shards.write import write_shards
 
     updates: dict[str, Any] = {}
     for key in ("train", "eval"):

@@ -40,7 +40,7 @@ from selfclust.config import AugmentConfig
 from selfclust.data.augment import LoaderAugment
 from selfclust.data.reader import DataStats, decode, read_shard
 from selfclust.data.urls import DEFAULT_TIMEOUT_S, is_local, parse_spec
-from selfclust.shards.write import load_manifest
+from selfclust.shards.manifest import load_manifest
 
 log = logging.getLogger("selfclust.data")
 T = TypeVar("T")

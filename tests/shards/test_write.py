@@ -15,7 +15,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from selfclust.shards.write import load_manifest, verify_shards, write_shards
+from selfclust.shards.manifest import load_manifest
+from selfclust.shards.verify import verify_shards
+from selfclust.shards.write import write_shards
 from tests.helpers.data import MNIST, digits, shared_data
 
 CIFAR_ZIP = "cifar10_test_jpeg/cifar10_test_jpeg.zip"  # under the data root (helpers/data.py)
