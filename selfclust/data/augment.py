@@ -149,63 +149,36 @@ def augment(
     return (colour(x, p) - _MEAN) / _STD
 
 
-def augment_views(
-    images: torch.Tensor,
-    idx: torch.Tensor,
-    cfg: AugmentConfig,
-    seed: int,
-    epoch: int,
-    size: int | None = None,
-    views: int = 2,
-) -> torch.Tensor:
-    """``views`` independent augmentations of a batch (multi-view methods): [V, B, C, s, s]."""
-    return torch.stack([augment(images, idx, cfg, seed, epoch, size, v) for v in range(views)])
-
-
 class LoaderAugment:
-    """The loader-side path: runs in DataLoader workers, per sample then per batch.
+    """The loader-side path: runs in DataLoader workers, one sample at a time.
 
-    ``sample`` decodes one shard sample and crops and colour-jitters each view to ``size``;
-    ``batch`` stacks them. Output equals :func:`augment` with the same (seed, epoch, idx, view)
-    up to rounding and resampling; it is uint8, so ``normalize`` it on the device before the
-    model."""
+    ``sample`` decodes one shard sample and crops and colour-jitters it to ``size``. Output
+    equals :func:`augment` with the same (seed, epoch, idx) up to rounding and resampling; it
+    is uint8, so ``normalize`` it on the device before the model."""
 
-    def __init__(
-        self, cfg: AugmentConfig, seed: int, epoch: int, size: int, views: int, channels: int
-    ) -> None:
-        if size < 1 or views < 1:
-            raise ValueError(f"size and views must be >= 1, got {size}, {views}")
+    def __init__(self, cfg: AugmentConfig, seed: int, epoch: int, size: int, channels: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         self.cfg, self.seed, self.epoch = cfg, seed, epoch
-        self.size, self.views, self.channels = size, views, channels
+        self.size, self.channels = size, channels
 
-    def sample(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-        """→ (uint8 [V, C, s, s] cropped views, params [V, 11], idx, cls), None if it is bad."""
+    def sample(self, sample: dict) -> tuple[torch.Tensor, int, int] | None:
+        """→ (uint8 [C, s, s] crop, idx, cls), None if the image is bad."""
         idx = int(sample["idx"]) if "idx" in sample else int(sample["__key__"])
         cls = int(sample["cls"]) if "cls" in sample else -1
-        i = np.array([idx])
-        p = np.concatenate(
-            [_params(self.cfg, self.seed, self.epoch, i, v) for v in range(self.views)]
-        )
+        row = _params(self.cfg, self.seed, self.epoch, np.array([idx]), 0)[0].tolist()
         s = self.size
-        # Decode a JPEG only as large as the smallest crop still needs (DCT scaling).
-        draft = (math.ceil(s / p[:, 0].min()), math.ceil(s / p[:, 1].min()))
+        # Decode a JPEG only as large as the crop still needs (DCT scaling).
+        draft = (math.ceil(s / row[0]), math.ceil(s / row[1]))
         try:
             im = open_image(image_field(sample), self.channels, draft)
         except IMAGE_ERRORS:
             return None
         cv2 = _cv2()
         a = np.asarray(im)  # [H, W, 3] or [H, W] (mode L)
-        out = []
-        for row in p.tolist():
-            v = _crop_cv(cv2, a, row, s)
-            v = _colour_cv(cv2, v, row)
-            out.append(v[:, :, None] if v.ndim == 2 else v)
-        views = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
-        return views, torch.from_numpy(p).float(), idx, cls
-
-    def batch(self, views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """views uint8 [B, V, C, s, s] → [B, C, s, s] (one view) or [V, B, C, s, s]."""
-        return views[:, 0] if views.shape[1] == 1 else views.transpose(0, 1).contiguous()
+        v = _colour_cv(cv2, _crop_cv(cv2, a, row, s), row)
+        v = v[:, :, None] if v.ndim == 2 else v
+        return torch.from_numpy(v).permute(2, 0, 1), idx, cls
 
 
 def _cv2() -> Any:

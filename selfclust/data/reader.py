@@ -67,14 +67,6 @@ class DataStats:
         """Samples a pass did not deliver: corrupt images plus samples of unreadable shards."""
         return self.corrupt_images + self.missing_samples
 
-    def metrics(self) -> dict[str, Any]:
-        """The counts as flat metrics (for metrics.jsonl / summary.json)."""
-        return {
-            "data_corrupt_images": self.corrupt_images,
-            "data_missing_samples": self.missing_samples,
-            "data_bad_shards": len(self.bad_shards),
-        }
-
 
 def tar_samples(stream: Any) -> Iterator[dict]:
     """Group tar members into samples by key (the name up to the first dot)."""

@@ -223,11 +223,7 @@ class _Decoder:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """→ (images, idx int64 [B], cls int64 [B])."""
         if self.aug is not None:
-            views, params = (
-                torch.stack([it[0] for it in items]),
-                torch.stack([it[1] for it in items]),
-            )
-            images = self.aug.batch(views, params)
+            images = torch.stack([it[0] for it in items])
         else:
             images = _stack([it[0] for it in items])
         idx = torch.tensor([it[-2] for it in items], dtype=torch.int64)
@@ -361,7 +357,6 @@ def train_batches(
     skip_steps: int = 0,
     image_size: int | None = None,
     loader_augment: AugmentConfig | None = None,
-    views: int = 1,
     pin_memory: bool = False,
 ) -> Batches[tuple[torch.Tensor, torch.Tensor]]:
     """One training epoch of this rank: exactly ``steps_per_epoch(...) - skip_steps`` batches
@@ -373,8 +368,8 @@ def train_batches(
 
     ``loader_augment``: augment in the loader workers instead (see
     :class:`~selfclust.data.augment.LoaderAugment`); images are then the augmented uint8 crops of
-    size ``image_size`` (default: the manifest's uniform size), ``[V, B, C, s, s]`` when
-    ``views > 1``. The returned :class:`Batches` carries the bad-data counts in ``.stats``.
+    size ``image_size`` (default: the manifest's uniform size). The returned :class:`Batches`
+    carries the bad-data counts in ``.stats``.
     """
     _check_rank(rank, world_size, batch_size)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0:
@@ -394,7 +389,7 @@ def train_batches(
                 "loader augmentation needs an output size: set data.image_size "
                 "(the images of this shard set are not all the same square size)"
             )
-        aug = LoaderAugment(loader_augment, seed, epoch, size, views, shards.channels)
+        aug = LoaderAugment(loader_augment, seed, epoch, size, shards.channels)
     pieces = _pieces(shards, world_size)
     mine = [
         pieces[i] for i in assign_shards([p.count for p in pieces], world_size, seed, epoch)[rank]

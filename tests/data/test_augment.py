@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from selfclust.config import AugmentConfig
-from selfclust.data.augment import LoaderAugment, _params, augment, augment_views, colour, normalize
+from selfclust.data.augment import LoaderAugment, _params, augment, colour, normalize
 from tests.helpers.data import shared_data
 
 
@@ -83,10 +83,9 @@ def _samples(images: torch.Tensor, idx: torch.Tensor) -> list[dict]:
     return out
 
 
-def _loader_path(images, idx, cfg, seed, epoch, size, views=1):
-    aug = LoaderAugment(cfg, seed, epoch, size, views, images.shape[1])
-    items = [aug.sample(s) for s in _samples(images, idx)]
-    return aug.batch(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+def _loader_path(images, idx, cfg, seed, epoch, size):
+    aug = LoaderAugment(cfg, seed, epoch, size, images.shape[1])
+    return torch.stack([aug.sample(s)[0] for s in _samples(images, idx)])
 
 
 def test_loader_path_equals_device_path():
@@ -128,20 +127,15 @@ def test_loader_path_shrinking_crop_is_area_averaged():
 _STD_255 = 0.25 * 255  # standardised units → grey levels
 
 
-def test_loader_path_pure_and_multi_view():
+def test_loader_path_pure():
     x = _cifar(12)
     idx = torch.arange(7, 19)
     cfg = AugmentConfig()
-    two = _loader_path(x, idx, cfg, 0, 1, 24, views=2)
-    assert two.shape == (2, 12, 3, 24, 24) and two.dtype == torch.uint8
-    assert not torch.equal(two[0], two[1])
+    one = _loader_path(x, idx, cfg, 0, 1, 24)
+    assert one.shape == (12, 3, 24, 24) and one.dtype == torch.uint8
     perm = torch.tensor([5, 3, 1, 0, 2, 4, 11, 10, 9, 8, 7, 6])
-    assert torch.equal(_loader_path(x[perm], idx[perm], cfg, 0, 1, 24, views=2), two[:, perm])
-    assert torch.equal(_loader_path(x, idx, cfg, 0, 1, 24), two[0])  # view 0 = single view
-    dev = augment_views(x, idx, cfg, 0, 1, 24, views=2)
-    assert dev.shape == (2, 12, 3, 24, 24)
-    assert torch.equal(dev[1], augment(x, idx, cfg, 0, 1, 24, view=1))
-    assert (normalize(two) - dev).abs().mean() * _STD_255 < 2.5
+    assert torch.equal(_loader_path(x[perm], idx[perm], cfg, 0, 1, 24), one[perm])
+    assert (normalize(one) - augment(x, idx, cfg, 0, 1, 24)).abs().mean() * _STD_255 < 2.5
 
 
 def test_grayscale_images_through_loader_path():
@@ -150,5 +144,5 @@ def test_grayscale_images_through_loader_path():
     )
     out = _loader_path(g, torch.arange(4), AugmentConfig(), 0, 0, 16)
     assert out.shape == (4, 1, 16, 16)
-    bad = LoaderAugment(AugmentConfig(), 0, 0, 16, 1, 1)
+    bad = LoaderAugment(AugmentConfig(), 0, 0, 16, 1)
     assert bad.sample({"__key__": "000000001", "png": b"garbage", "idx": "1"}) is None

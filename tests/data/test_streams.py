@@ -256,8 +256,7 @@ def test_global_reshuffle_moves_shards_between_ranks(sets) -> None:
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # not a per-rank reshuffle
 
 
-@pytest.mark.parametrize("views", [1, 2])
-def test_loader_side_augmentation(sets, views) -> None:
+def test_loader_side_augmentation(sets) -> None:
     from selfclust.config import AugmentConfig
     from selfclust.data.augment import LoaderAugment
 
@@ -274,22 +273,18 @@ def test_loader_side_augmentation(sets, views) -> None:
             num_workers=workers,
             loader_augment=cfg,
             image_size=12,
-            views=views,
         )
         batches = list(it)
         assert len(batches) == steps_per_epoch(1797, 2, B) and it.stats.skipped == 0
         for images, idx in batches:
-            shape = (B, 1, 12, 12) if views == 1 else (views, B, 1, 12, 12)
-            assert images.shape == shape and images.dtype == torch.uint8
-            per_sample = images if views == 1 else images.transpose(0, 1)
-            for i, im in zip(idx.tolist(), per_sample, strict=True):
+            assert images.shape == (B, 1, 12, 12) and images.dtype == torch.uint8
+            for i, im in zip(idx.tolist(), images, strict=True):
                 # each sample's crop depends on (seed, epoch, idx, view) only, not on workers
                 assert torch.equal(by_idx.setdefault(i, im), im)
     x, _ = digits()
-    aug = LoaderAugment(cfg, 0, 1, 12, views, 1)
+    aug = LoaderAugment(cfg, 0, 1, 12, 1)
     buf = io.BytesIO()
     Image.fromarray(x[77]).save(buf, format="PNG")
-    views_t, params, _, _ = aug.sample({"__key__": "000000077", "png": buf.getvalue(), "idx": "77"})
+    crop, _, _ = aug.sample({"__key__": "000000077", "png": buf.getvalue(), "idx": "77"})
     if 77 in by_idx:
-        direct = aug.batch(views_t[None], params[None])
-        assert torch.equal(by_idx[77], direct[0] if views == 1 else direct[:, 0])
+        assert torch.equal(by_idx[77], crop)
