@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from selfclust.data.streams import ShardSet
+from selfclust.data.shardset import ShardSet
 from selfclust.eval.evaluate import load_run
 from selfclust.eval.probe import ProbeConfig, probe_model
 from selfclust.models.selflabel import SelfLabelNet

@@ -43,7 +43,8 @@ def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 def preflight(cfg: RunConfig) -> None:
     """Check what depends on the data before any worker starts, so errors read plainly."""
-    from selfclust.data.streams import ShardSet, steps_per_epoch
+    from selfclust.data.plan import steps_per_epoch
+    from selfclust.data.shardset import ShardSet
 
     shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     if cfg.data.eval:

@@ -1,18 +1,8 @@
-"""Read selfclust shards: deterministic shard-to-rank assignment and equal-length epochs.
+"""Read selfclust shards per rank: train and label-pass batches as DataLoader streams.
 
-Every rank computes the same assignment from the manifest alone (no communication):
-
-* The unit of assignment is a *piece*: normally one shard. When a set has fewer shards than
-  ranks, every shard is split into ``ceil(world_size / num_shards)`` pieces (piece ``j`` of
-  ``p`` keeps the shard's samples at positions ``j, j + p, ...``), so no rank is left empty.
-* :func:`assign_shards` orders the pieces (fixed order for the label pass; for training a
-  global ``(seed, epoch)`` permutation *before* the rank split, so shards move between ranks
-  from epoch to epoch) and deals each to the rank with the fewest samples so far.
-* Within a rank, pieces are dealt to loader workers the same way, and the epoch's
-  ``steps_per_epoch`` batches are split between workers in proportion to their samples.
-  A worker whose pieces hold fewer samples than its batches need reads them again
-  (re-permuted); one with more drops the surplus. So every rank yields exactly the same
-  number of batches and DDP never waits on a rank that ran dry.
+Which samples each rank and loader worker reads is :mod:`selfclust.data.plan`'s. Here the
+plan is read: loader workers decode (and in the loader-augmentation path crop) their samples
+and send batches, each with the worker's running :class:`~selfclust.data.reader.DataStats`.
 
 Bad data never changes the number of batches: an unreadable shard is skipped (the worker reads
 its other pieces again), and in training a corrupt image's slot is filled with another sample
@@ -21,14 +11,10 @@ of the same batch. Both are counted in the iterators' :class:`~selfclust.data.re
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -37,137 +23,22 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from selfclust.config import AugmentConfig
+from selfclust.data import plan
 from selfclust.data.augment import LoaderAugment
-from selfclust.data.reader import DataStats, decode, read_shard
-from selfclust.data.urls import DEFAULT_TIMEOUT_S, is_local, parse_spec
-from selfclust.shards.manifest import load_manifest
+from selfclust.data.collate import Decoder
+from selfclust.data.reader import DataStats, read_shard
+from selfclust.data.shardset import ShardSet
 
 log = logging.getLogger("selfclust.data")
 T = TypeVar("T")
 
 
-@dataclass
-class ShardSet:
-    """A shard set opened through its manifest (see :mod:`selfclust.data.urls` for the specs)."""
-
-    root: str
-    manifest: dict
-    urls: list[str]
-    counts: list[int]
-    num_samples: int
-    classes: list[str] | None
-    image: dict | None
-    first_idx: list[int] | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        if self.first_idx is None:
-            self.first_idx = [int(s["first_idx"]) for s in self.manifest["shards"]]
-
-    @property
-    def channels(self) -> int:
-        """Channels every image is decoded to: 1 (grayscale) or 3 (RGB)."""
-        return int(self.image["channels"] if self.image else self.manifest["channels"])
-
-    @classmethod
-    def open(cls, spec: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S) -> ShardSet:
-        """Open a local shard dir, an http(s) base URL, a ``pipe:...{name}...`` command or a
-        brace pattern of shard names; validates the manifest."""
-        text = str(spec).removeprefix("file://")
-        if is_local(text) and "{" not in text:  # absolute: Ray workers run elsewhere
-            text = str(Path(text).resolve())
-        s = parse_spec(text)
-        manifest = load_manifest(text, timeout_s)
-        names = [sh["name"] for sh in manifest["shards"]]
-        if s.names is not None and sorted(s.names) != sorted(names):
-            extra = sorted(set(s.names) - set(names))[:3]
-            missing = sorted(set(names) - set(s.names))[:3]
-            raise ValueError(
-                f"{text} must name exactly the {len(names)} shards of {s.manifest_url} "
-                f"(the label pass needs every sample); not in the manifest: {extra}, "
-                f"not in the pattern: {missing}"
-            )
-        local_dir = s.is_local and s.template.endswith("/{name}") and s.names is None
-        root = s.template[: -len("/{name}")] if local_dir else text
-        return cls(
-            root=root,
-            manifest=manifest,
-            urls=[s.url(n) for n in names],
-            counts=[int(sh["count"]) for sh in manifest["shards"]],
-            num_samples=int(manifest["num_samples"]),
-            classes=manifest.get("classes"),
-            image=manifest.get("image"),
-            timeout_s=timeout_s,
-        )
-
-
-def _deal(counts: list[int], order: list[int], bins: int) -> list[list[int]]:
-    """Greedy balancing: each item, in ``order``, goes to the bin with the fewest samples
-    (lowest bin on ties). Bins keep the items in the order they were dealt."""
-    heap = [(0, b) for b in range(bins)]
-    out: list[list[int]] = [[] for _ in range(bins)]
-    for i in order:
-        load, b = heapq.heappop(heap)
-        out[b].append(i)
-        heapq.heappush(heap, (load + counts[i], b))
-    return out
-
-
-def assign_shards(
-    counts: list[int], world_size: int, seed: int, epoch: int | None
-) -> list[list[int]]:
-    """Shard indices for each rank, computed from the manifest counts alone.
-
-    ``epoch=None`` (label pass) keeps the manifest order; otherwise the shards are permuted
-    with ``np.random.default_rng((seed, epoch))`` before dealing. Each shard goes to the rank
-    with the fewest samples so far, so rank loads differ by at most the largest shard.
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not counts or any(c < 0 for c in counts):
-        raise ValueError(f"counts must be a non-empty list of sample counts, got {counts!r}")
-    if epoch is None:
-        order = list(range(len(counts)))
-    else:
-        order = np.random.default_rng((seed, epoch)).permutation(len(counts)).tolist()
-    return _deal(list(counts), order, world_size)
-
-
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Batches per rank per epoch: ``num_samples // (world_size * batch_size)``."""
-    if batch_size < 1 or world_size < 1:
-        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
-    steps = num_samples // (world_size * batch_size)
-    if steps == 0:
-        raise ValueError(
-            f"dataset too small for batch_size × world_size: {num_samples} samples < "
-            f"{batch_size} × {world_size}; lower the batch size"
-        )
-    return steps
-
-
-@dataclass(frozen=True)
-class _Piece:
-    url: str
-    first_idx: int
-    shard_count: int
-    part: int  # keeps the shard's samples at positions part, part + nparts, ...
-    nparts: int
-    count: int
-
-
-def _pieces(shards: ShardSet, world_size: int) -> list[_Piece]:
-    nparts = -(-world_size // len(shards.urls))  # ceil: at least one piece per rank
+def _shard_pieces(shards: ShardSet, world_size: int) -> list[plan.Piece]:
     assert shards.first_idx is not None
-    pieces = [
-        _Piece(url, first, count, j, nparts, len(range(j, count, nparts)))
-        for url, first, count in zip(shards.urls, shards.first_idx, shards.counts, strict=True)
-        for j in range(nparts)
-    ]
-    return [p for p in pieces if p.count > 0]
+    return plan.pieces(shards.urls, shards.first_idx, shards.counts, world_size)
 
 
-def _read(piece: _Piece, stats: DataStats, timeout_s: float) -> Iterator[dict]:
+def _read(piece: plan.Piece, stats: DataStats, timeout_s: float) -> Iterator[dict]:
     return read_shard(
         piece.url, stats, piece.first_idx, piece.shard_count, piece.part, piece.nparts, timeout_s
     )
@@ -175,60 +46,6 @@ def _read(piece: _Piece, stats: DataStats, timeout_s: float) -> Iterator[dict]:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
-
-
-def _split_steps(steps: int, loads: list[int], batch_size: int) -> list[int]:
-    """Split ``steps`` between workers in proportion to their samples ``loads``: floors
-    first, then one more step each to the workers with the most unused samples, which keeps
-    refills (repeated samples) to at most ``(workers - 1) * batch_size`` per rank."""
-    total = sum(loads)
-    share = [steps * n // total for n in loads]
-    spare = sorted(range(len(loads)), key=lambda q: (share[q] * batch_size - loads[q], q))
-    for q in spare[: steps - sum(share)]:
-        share[q] += 1
-    return share
-
-
-def _worker_order(steps: list[int]) -> list[int]:
-    """Which worker produces each batch: DataLoader takes one batch from each worker in turn,
-    skipping workers that are done."""
-    return [q for r in range(max(steps, default=0)) for q in range(len(steps)) if steps[q] > r]
-
-
-def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, C] arrays → [B, C, H, W]."""
-    if any(a.shape != arrays[0].shape for a in arrays):
-        shapes = sorted({a.shape for a in arrays})
-        raise ValueError(
-            f"images of different sizes in one batch ({shapes[:3]}); "
-            "pass image_size to resize them to a common size"
-        )
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-class _Decoder:
-    """Turns raw samples into one batch: decode only (device augmentation later), or decode +
-    crop + colour in the loader (``aug``)."""
-
-    def __init__(self, channels: int, image_size: int | None, aug: LoaderAugment | None):
-        self.channels, self.image_size, self.aug = channels, image_size, aug
-
-    def one(self, sample: dict) -> tuple[Any, ...] | None:
-        if self.aug is not None:
-            return self.aug.sample(sample)
-        return decode(sample, self.channels, self.image_size)
-
-    def batch(
-        self, items: list[tuple[Any, ...]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ (images, idx int64 [B], cls int64 [B])."""
-        if self.aug is not None:
-            images = torch.stack([it[0] for it in items])
-        else:
-            images = _stack([it[0] for it in items])
-        idx = torch.tensor([it[-2] for it in items], dtype=torch.int64)
-        cls = torch.tensor([it[-1] for it in items], dtype=torch.int64)
-        return images, idx, cls
 
 
 class Batches(Generic[T]):
@@ -376,7 +193,7 @@ def train_batches(
         raise ValueError(
             f"seed, epoch and shuffle_buffer must be >= 0, got {seed}, {epoch}, {shuffle_buffer}"
         )
-    steps = steps_per_epoch(shards.num_samples, world_size, batch_size)
+    steps = plan.steps_per_epoch(shards.num_samples, world_size, batch_size)
     if not 0 <= skip_steps <= steps:
         raise ValueError(f"skip_steps must be in [0, {steps}], got {skip_steps}")
     aug = None
@@ -390,24 +207,19 @@ def train_batches(
                 "(the images of this shard set are not all the same square size)"
             )
         aug = LoaderAugment(loader_augment, seed, epoch, size, shards.channels)
-    pieces = _pieces(shards, world_size)
-    mine = [
-        pieces[i] for i in assign_shards([p.count for p in pieces], world_size, seed, epoch)[rank]
-    ]
+    mine = plan.rank_pieces(_shard_pieces(shards, world_size), rank, world_size, seed, epoch)
     if not mine:
         raise ValueError(
             f"rank {rank} has no samples: {shards.num_samples} samples in {len(shards.urls)} "
             f"shards cannot feed {world_size} ranks; shard again with a smaller shard_size"
         )
-    n_roles = max(1, min(num_workers, len(mine)))
-    deal = _deal([p.count for p in mine], list(range(len(mine))), n_roles)
-    roles = [[mine[i] for i in d] for d in deal]
-    role_steps = _split_steps(steps, [sum(p.count for p in r) for r in roles], batch_size)
-    order = _worker_order(role_steps)
-    skips = [order[:skip_steps].count(q) for q in range(n_roles)]
-    rotate = order[skip_steps] if skip_steps < steps else 0
+    roles = plan.worker_roles(mine, num_workers)
+    n_roles = len(roles)
+    role_steps = plan.split_steps(steps, [sum(p.count for p in r) for r in roles], batch_size)
+    order = plan.worker_order(role_steps)
+    skips, rotate = plan.resume_point(order, skip_steps, n_roles)
     key = (seed, epoch, rank, world_size, n_roles)
-    decoder = _Decoder(shards.channels, image_size, aug)
+    decoder = Decoder(shards.channels, image_size, aug)
     dataset = _TrainStream(
         roles, role_steps, skips, rotate, batch_size, key, shuffle_buffer, decoder, shards.timeout_s
     )
@@ -415,7 +227,7 @@ def train_batches(
     expected = iter(order[skip_steps:])
 
     def unpack(payload: tuple[torch.Tensor, torch.Tensor], role: int):
-        # The resume arithmetic above relies on DataLoader's round-robin over workers.
+        # The resume arithmetic (selfclust.data.plan) relies on DataLoader's round-robin.
         if role != next(expected, None):
             raise RuntimeError("DataLoader returned worker batches out of round-robin order")
         return payload
@@ -430,12 +242,8 @@ def train_batches(
 
 class _EvalStream(IterableDataset):
     def __init__(self, roles, batch_size, decoder, timeout_s):
-        self.roles, self.batch_size, self.decoder, self.timeout_s = (
-            roles,
-            batch_size,
-            decoder,
-            timeout_s,
-        )
+        self.roles, self.batch_size = roles, batch_size
+        self.decoder, self.timeout_s = decoder, timeout_s
 
     def __iter__(self):
         info = get_worker_info()
@@ -469,15 +277,11 @@ def eval_batches(
     Over all ranks every idx in 0..N-1 appears exactly once, except bad data, which is left
     out and counted in ``.stats`` (so seen + ``stats.skipped`` over all ranks is N)."""
     _check_rank(rank, world_size, batch_size)
-    pieces = _pieces(shards, world_size)
-    mine = [pieces[i] for i in assign_shards([p.count for p in pieces], world_size, 0, None)[rank]]
-    n_roles = max(1, min(num_workers, len(mine)))
-    deal = _deal([p.count for p in mine], list(range(len(mine))), n_roles)
-    decoder = _Decoder(shards.channels, image_size, None)
-    dataset = _EvalStream(
-        [[mine[i] for i in d] for d in deal], batch_size, decoder, shards.timeout_s
-    )
-    loader = _loader(dataset, n_roles if num_workers > 0 and mine else 0)
+    mine = plan.rank_pieces(_shard_pieces(shards, world_size), rank, world_size, 0, None)
+    roles = plan.worker_roles(mine, num_workers)
+    decoder = Decoder(shards.channels, image_size, None)
+    dataset = _EvalStream(roles, batch_size, decoder, shards.timeout_s)
+    loader = _loader(dataset, len(roles) if num_workers > 0 and mine else 0)
 
     def recut() -> Iterator[tuple[Any, int, DataStats | None]]:
         # Each worker's last batch may be short: re-cut so that only the final one is.

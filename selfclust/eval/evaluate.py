@@ -14,7 +14,7 @@ import torch
 
 from selfclust.checkpoint import read_state
 from selfclust.config import RunConfig
-from selfclust.data.streams import ShardSet
+from selfclust.data.shardset import ShardSet
 from selfclust.eval.scoring import BEST_HEAD_RULE, best_head, score_model
 from selfclust.methods.registry import build_model
 from selfclust.models.base import image_side

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from selfclust.data.augment import normalize
-from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import eval_batches
 from selfclust.eval.metrics import cluster_accuracy, matched_confusion
 from selfclust.models.selflabel import SelfLabelNet
 

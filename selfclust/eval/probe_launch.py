@@ -20,7 +20,7 @@ import torch
 
 from selfclust import collectives as C
 from selfclust.config import RunConfig
-from selfclust.data.streams import ShardSet
+from selfclust.data.shardset import ShardSet
 from selfclust.eval.probe import ProbeConfig, probe_model
 
 AUTO_MIN_SAMPLES = 50_000

@@ -13,7 +13,8 @@ from typing import Any, cast
 import torch
 
 from selfclust import collectives as C
-from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import eval_batches
 from selfclust.eval.metrics import clustering_scores, head_agreement, size_stats
 from selfclust.labels.label_pass import embed, predictions
 from selfclust.methods.nets import ClusterNet

@@ -15,13 +15,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from selfclust.data.streams import (
-    ShardSet,
-    assign_shards,
-    eval_batches,
-    steps_per_epoch,
-    train_batches,
-)
+from selfclust.data.plan import assign_shards, steps_per_epoch
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import eval_batches, train_batches
 from selfclust.shards.write import write_shards
 from tests.helpers.data import MNIST, digits
 

@@ -15,7 +15,7 @@ from PIL import Image
 from selfclust import cli
 from selfclust.checkpoint import Position, make_state, write_state
 from selfclust.config import RunConfig
-from selfclust.data.streams import ShardSet
+from selfclust.data.shardset import ShardSet
 from selfclust.eval.pictures import Assignments, assign, chosen_tiles, draw, log_to_wandb
 from selfclust.labels.bank import LabelBank
 from selfclust.models.selflabel import SelfLabelNet

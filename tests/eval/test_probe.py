@@ -14,7 +14,7 @@ from selfclust import cli
 from selfclust import collectives as C
 from selfclust.checkpoint import Position, make_state, write_state
 from selfclust.config import AugmentConfig, ModelConfig, RunConfig, load_config
-from selfclust.data.streams import ShardSet
+from selfclust.data.shardset import ShardSet
 from selfclust.eval.probe import Features, ProbeConfig, extract, probe_features, probe_model
 from selfclust.eval.probe_launch import AUTO_MIN_SAMPLES, resolve_workers, run_probe
 from selfclust.labels.bank import LabelBank

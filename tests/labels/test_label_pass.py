@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from selfclust.config import ModelConfig
-from selfclust.data.streams import ShardSet, eval_batches
+from selfclust.data.shardset import ShardSet
+from selfclust.data.streams import eval_batches
 from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels, sinkhorn_labels
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards

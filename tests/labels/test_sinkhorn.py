@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import selfclust.labels.sinkhorn as sk
 from selfclust.collectives import WORLD
@@ -19,6 +15,7 @@ from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
 from selfclust.labels.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
 from selfclust.threads import keep_torch_threads
 from tests.helpers.data import digits
+from tests.helpers.spawn import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -419,35 +416,24 @@ def test_cuda_matches_cpu() -> None:
 # ---------------------------------------------------------------- distributed
 
 
-def _rank_main(rank: int, world: int, tmp: str, bounds: list[int]) -> None:
-    """One gloo rank: solve on its own rows of each case and save what it got."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rendezvous",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+def _solve_rank(rank: int, world: int, tmp: str, bounds: list[int]) -> dict[str, object]:
+    """One gloo rank: solve on its own rows of each case and return what it got."""
+    cases = torch.load(f"{tmp}/cases.pt")
+    lo, hi = bounds[rank], bounds[rank + 1]
+    out: dict[str, object] = {}
+    for name, (z, lam) in cases.items():
+        res = sinkhorn_knopp(z[lo:hi], lam, group=WORLD)
+        out[name] = vars(res)
+    # NaN on the last rank only: every rank must raise (and none may hang).
+    z_bad = cases["net"][0][lo:hi].clone()
+    if rank == world - 1:
+        z_bad[-1, 0] = float("nan")
     try:
-        cases = torch.load(f"{tmp}/cases.pt")
-        lo, hi = bounds[rank], bounds[rank + 1]
-        out: dict[str, object] = {}
-        for name, (z, lam) in cases.items():
-            res = sinkhorn_knopp(z[lo:hi], lam, group=WORLD)
-            out[name] = vars(res)
-        # NaN on the last rank only: every rank must raise (and none may hang).
-        z_bad = cases["net"][0][lo:hi].clone()
-        if rank == world - 1:
-            z_bad[-1, 0] = float("nan")
-        try:
-            sinkhorn_knopp(z_bad, 25.0, group=WORLD)
-            out["nan"] = "no error"
-        except ValueError as err:
-            out["nan"] = str(err)
-        torch.save(out, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        sinkhorn_knopp(z_bad, 25.0, group=WORLD)
+        out["nan"] = "no error"
+    except ValueError as err:
+        out["nan"] = str(err)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -462,23 +448,8 @@ def test_distributed_equals_single_process(tmp_path: Path, bounds: list[int]) ->
         "peaked": (peaked_logits(3000, 24, 9), 50.0),
     }
     torch.save(cases, tmp_path / "cases.pt")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, str(tmp_path), bounds)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120  # a failing rank must fail the test, not hang it
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * world
-
-    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    # a failing rank must fail the test, not hang it: ranks still running at 120 s are killed
+    outs = run_ranks(_solve_rank, world, tmp_path, str(tmp_path), bounds, timeout_s=120)
     for name, (z, lam) in cases.items():
         ref = sinkhorn_knopp(z, lam)
         got = [o[name] for o in outs]

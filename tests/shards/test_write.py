@@ -449,7 +449,7 @@ def test_post_uploads_shards_then_manifest(tmp_path: Path, digits_npz: Path) -> 
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"]
     verify_shards(bucket)
-    from selfclust.data.streams import ShardSet
+    from selfclust.data.shardset import ShardSet
 
     assert ShardSet.open(f"pipe:cat {bucket}/{{name}}").num_samples == 1797
 
