@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from selfclust.config import RunConfig
@@ -59,6 +60,43 @@ def preflight(cfg: RunConfig) -> None:
     steps_per_epoch(n, workers, cfg.optim.batch_size // workers)  # raises if N < batch
 
 
+def ray_train_context() -> ModuleType | None:
+    """Ray Train V2's private ``ray.train.v2._internal.execution.context``, or None where it
+    cannot be imported. Private API, pinned as ``ray==2.60.*`` in pyproject.toml and checked
+    by tests/test_launch_private.py; used for what Ray has no public API for: the logger of
+    the per-report lines, and a worker's own copy of a preemption notice."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return None
+    return context
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train's per-report INFO lines ("Reporting training result", "Checkpoint
+    successfully created") would bury the progress lines: warnings and errors only."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    context = ray_train_context()
+    if context is not None:  # the report lines come from a logger named after its file
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _preemption_seen() -> bool | None:
+    """This worker's own copy of the preemption notice, read without a barrier (None:
+    unknown).
+
+    Ray's watcher hands the notice to every worker; reading it locally lets the ranks agree
+    with one tiny all-reduce and pay the barrier only once a notice exists.
+    """
+    context = ray_train_context()
+    if context is None:
+        return None
+    try:
+        return context.get_train_context().preemption_context.preemption_info is not None
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
 def _worker_entry(payload: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -68,15 +106,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     from selfclust.train.context import WorkerContext
     from selfclust.train.loop import train_loop
 
-    # Ray Train's per-report INFO lines ("Reporting training result", "Checkpoint successfully
-    # created") would bury the progress lines: warnings and errors only.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # the report lines come from a logger named after its file
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
+    _quiet_ray_train_logs()
     cfg = RunConfig.model_validate(payload["config"])
     tctx = ray.train.get_context()
     restore_dir = None
@@ -95,19 +125,6 @@ def _worker_entry(payload: dict[str, Any]) -> None:
             return None
         return {"deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks}
 
-    def preemption_seen() -> bool | None:
-        """This worker's own copy of the notice, read without a barrier (None: unknown).
-
-        Ray's watcher hands the notice to every worker; reading it locally lets the ranks
-        agree with one tiny all-reduce and pay the barrier only once a notice exists.
-        """
-        try:
-            from ray.train.v2._internal.execution.context import get_train_context
-
-            return get_train_context().preemption_context.preemption_info is not None
-        except (ImportError, AttributeError, RuntimeError):
-            return None
-
     device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     ctx = WorkerContext(
         rank=tctx.get_world_rank(),
@@ -115,7 +132,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         device=device,
         report=report,
         preemption=preemption,
-        preemption_seen=preemption_seen,
+        preemption_seen=_preemption_seen,
         checkpoint_dir=restore_dir,
         run_dir=Path(payload["run_dir"]),
         wandb_id=payload["wandb_id"],

@@ -33,6 +33,20 @@ log = logging.getLogger("selfclust.data")
 T = TypeVar("T")
 
 
+def wds_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """``samples`` through a shuffle buffer of ``size`` (filled to ``size`` before the first
+    sample comes out), drawing from ``rng``. This is webdataset's private
+    ``wds.filters._shuffle``, pinned as ``webdataset==1.0.*`` in pyproject.toml and checked by
+    tests/data/test_wds_private.py; a buffer of our own would change every shuffled stream."""
+    shuffle = getattr(wds.filters, "_shuffle", None)
+    if shuffle is None:
+        raise ImportError(
+            f"webdataset {getattr(wds, '__version__', '?')} has no wds.filters._shuffle; "
+            "selfclust needs webdataset==1.0.* (pyproject.toml)"
+        )
+    return shuffle(samples, size, size, rng)
+
+
 def _shard_pieces(shards: ShardSet, world_size: int) -> list[plan.Piece]:
     assert shards.first_idx is not None
     return plan.pieces(shards.urls, shards.first_idx, shards.counts, world_size)
@@ -103,10 +117,11 @@ class _TrainStream(IterableDataset):
                 rng_pass = np.random.default_rng(_seed(*self.key, role, cycle))
                 order = rng_pass.permutation(len(pieces)).tolist()
             got = 0
-            one_pass = (s for i in order for s in _read(pieces[i], stats, self.timeout_s))
+            one_pass: Iterator[dict] = (
+                s for i in order for s in _read(pieces[i], stats, self.timeout_s)
+            )
             if self.shuffle_buffer > 1:
-                size = self.shuffle_buffer
-                one_pass = wds.filters._shuffle(one_pass, size, size, rng)
+                one_pass = wds_shuffle(one_pass, self.shuffle_buffer, rng)
             for sample in one_pass:
                 got += 1
                 yield sample

@@ -1,0 +1,78 @@
+"""Ray Train V2's private execution context, behind selfclust.launch.ray_train_context.
+
+The launcher uses ``ray.train.v2._internal.execution.context`` for two things Ray has no
+public API for: the name of the logger of the per-report INFO lines, and a worker's own copy
+of a preemption notice (read without a barrier). These tests fail, naming the pin, when an
+upgrade moves either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from importlib.metadata import version
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from selfclust import launch
+
+PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+
+
+def _pin(name: str) -> str:
+    """The dependency line of ``name`` in pyproject.toml, e.g. ``ray[default,train]==2.60.*``."""
+    m = re.search(rf'"({re.escape(name)}[^"]*)"', PYPROJECT.read_text())
+    assert m, f"{name} is not a dependency in {PYPROJECT}"
+    return m.group(1)
+
+
+WHY = (
+    f"ray {version('ray')} is installed; selfclust pins {_pin('ray')} (pyproject.toml) because "
+    "selfclust.launch uses the private ray.train.v2._internal.execution.context"
+)
+
+
+@pytest.fixture(scope="module")
+def context():
+    ctx = launch.ray_train_context()
+    assert ctx is not None, f"ray.train.v2._internal.execution.context does not import: {WHY}"
+    return ctx
+
+
+def test_report_lines_come_from_a_logger_named_after_the_file(context) -> None:
+    assert isinstance(context.__file__, str), WHY
+    assert context.logger.name == context.__file__, f"the report lines' logger moved: {WHY}"
+    logger = logging.getLogger(context.__file__)
+    before = logger.level, logging.getLogger("ray.train").level
+    try:
+        launch._quiet_ray_train_logs()
+        assert logger.level == logging.WARNING
+        assert logging.getLogger("ray.train").level == logging.WARNING
+    finally:
+        logger.setLevel(before[0])
+        logging.getLogger("ray.train").setLevel(before[1])
+
+
+def test_preemption_notice_path(context) -> None:
+    assert callable(getattr(context, "get_train_context", None)), WHY
+    fields = {f.name: f for f in dataclasses.fields(context.TrainContext)}
+    assert "preemption_context" in fields, f"TrainContext has no preemption_context: {WHY}"
+    notice = fields["preemption_context"].type
+    from ray.train.v2._internal.execution.preemption import PreemptionContext
+
+    assert notice in ("PreemptionContext", PreemptionContext), WHY
+    assert PreemptionContext().preemption_info is None, WHY
+
+
+def test_preemption_seen_reads_the_workers_own_notice(context) -> None:
+    assert launch._preemption_seen() is None  # outside a training run: unknown
+    try:
+        for info, seen in ((None, False), (object(), True)):
+            fake = SimpleNamespace(preemption_context=SimpleNamespace(preemption_info=info))
+            context.set_train_context(fake)
+            assert launch._preemption_seen() is seen, WHY
+    finally:
+        context.set_train_context(None)
