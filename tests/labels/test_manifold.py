@@ -209,6 +209,7 @@ def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
         assert torch.equal(soft[0], runner.model.scores(x).argmax(1))
 
 
+@pytest.mark.slow
 def test_worker_loop_with_manifold_label_updates(digits_npz: Path, tmp_path: Path) -> None:
     """The real worker loop (one rank, in this process): the first labels and the last label
     updates come from UMAP + GMM, the one between from Sinkhorn, and the run ends above

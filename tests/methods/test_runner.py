@@ -152,6 +152,7 @@ def test_world_two_matches_one_and_dec_stops_together(digits, tmp_path: Path) ->
     assert again[0]["summary"]["model_digest"] == dec2["model_digest"]
 
 
+@pytest.mark.slow
 def test_dgg_and_depict_resume_exactly(digits, tmp_path: Path) -> None:
     """DGG (the most state) resumed across the pretrain → cluster boundary and from
     mid-clustering; DEPICT with a manifold refresh (one-hot targets from UMAP + GMM, held in
@@ -220,6 +221,7 @@ def pixel_acc(digits) -> float:
     return cluster_accuracy(y, assign(flat, best.centroids).numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dec", "dgg"])
 def test_short_run_beats_pixel_kmeans(method: str, digits, pixel_acc: float, tmp_path) -> None:
     from tests.helpers.spawn import run_ranks
@@ -229,6 +231,7 @@ def test_short_run_beats_pixel_kmeans(method: str, digits, pixel_acc: float, tmp
     assert summary["acc"] > pixel_acc + 0.005, (summary["acc"], pixel_acc)
 
 
+@pytest.mark.slow
 def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
     """DEPICT's strided convs are meant for 28x28 digits: the first 2,000 MNIST test images.
 
