@@ -1,4 +1,5 @@
-"""Tests for selfclust.labels.sinkhorn: oracles (POT, float64 log-domain), numerics, distributed."""
+"""Tests for selfclust.labels.sinkhorn and its modules: oracles (POT, the float64 log-domain
+reference of selfclust.labels.sinkhorn_reference), numerics, fused kernels, distributed."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import torch
 
 import selfclust.labels.sinkhorn as sk
 from selfclust.collectives import WORLD
+from selfclust.labels import sinkhorn_kernels as kernels
 from selfclust.labels import sinkhorn_numba as sinkhorn_cpu
+from selfclust.labels import sinkhorn_scalings as scalings
 from selfclust.labels.sinkhorn import LinearLogits, SinkhornResult, sinkhorn_knopp
+from selfclust.labels.sinkhorn_reference import log_sinkhorn_f64
+from selfclust.labels.sinkhorn_relaxation import _OMEGA_MAX, _next_omega
 from selfclust.threads import keep_torch_threads
 from tests.helpers.data import digits
 from tests.helpers.spawn import run_ranks
@@ -32,30 +37,6 @@ def marginal_errors(q: torch.Tensor) -> tuple[float, float]:
     rows = (q.sum(1) * n - 1).abs().max().item()
     cols = (q.sum(0) * k - 1).abs().max().item()
     return rows, cols
-
-
-def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """torch.logsumexp, but terms below e^-600 of the max are clamped (float64 denormals crawl)."""
-    m = x.amax(dim=dim, keepdim=True)
-    return (m + (x - m).clamp_(min=-600.0).exp_().sum(dim=dim, keepdim=True).log_()).squeeze(dim)
-
-
-def log_sinkhorn_f64(
-    logits: torch.Tensor, lam: float, tol: float = 1e-6, max_iters: int = 20000
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Oracle: float64 log-domain Sinkhorn; returns (labels, log_alpha)."""
-    s = lam * logits.to(torch.float64)  # [N, K]
-    n, k = s.shape
-    log_a = torch.zeros(k, dtype=torch.float64)
-    for _ in range(max_iters):
-        log_b = -math.log(n) - _logsumexp(s + log_a, dim=1)  # rows exact
-        log_col = _logsumexp(s + log_b[:, None], dim=0)  # [K], without a
-        if (k * (log_col + log_a).exp() - 1).abs().max() < tol:
-            break
-        log_a = -math.log(k) - log_col
-    else:
-        raise AssertionError("oracle did not converge")
-    return (s + log_a).argmax(dim=1), log_a
 
 
 def net_logits(n: int, k: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -150,13 +131,13 @@ def test_confident_real_logits_converge(lam: float) -> None:
 def test_over_relaxation_factor() -> None:
     for rho in (0.5, 0.9, 0.99, 0.999):
         best = 2 / (1 + math.sqrt(1 - rho))
-        assert sk._next_omega(1.0, rho) == pytest.approx(min(best, sk._OMEGA_MAX))
+        assert _next_omega(1.0, rho) == pytest.approx(min(best, _OMEGA_MAX))
         # Observed rate μ of SOR with ω < ω*: largest root of (μ + ω − 1)² = μ ω² ρ.
         w = 1 + (best - 1) / 2
         mu = (w * math.sqrt(rho) / 2 + math.sqrt(w * w * rho / 4 - w + 1)) ** 2
-        assert sk._next_omega(w, mu) == pytest.approx(min(best, sk._OMEGA_MAX), rel=1e-9)
-    assert sk._next_omega(1.8, 1.01) == pytest.approx(1.4)  # error grew: back off
-    assert sk._next_omega(1.9, 0.85) == 1.9  # rate ≤ ω − 1: already at or above ω*
+        assert _next_omega(w, mu) == pytest.approx(min(best, _OMEGA_MAX), rel=1e-9)
+    assert _next_omega(1.8, 1.01) == pytest.approx(1.4)  # error grew: back off
+    assert _next_omega(1.9, 0.85) == 1.9  # rate ≤ ω − 1: already at or above ω*
 
 
 # ---------------------------------------------------------------- numerics
@@ -175,12 +156,12 @@ def test_near_uniform_logits_are_finite_and_balanced() -> None:
     assert ((sizes - n / k).abs() < 0.1 * n / k).all()
 
 
-@pytest.mark.parametrize("ahead", [0.0, sk._AHEAD])  # kernels built for where a is heading
+@pytest.mark.parametrize("ahead", [0.0, scalings._AHEAD])  # kernels built for where a is heading
 @pytest.mark.parametrize("lam", [25.0, 50.0])
 def test_peaked_logits_still_give_equal_clusters(
     lam: float, ahead: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sk, "_AHEAD", ahead)
+    monkeypatch.setattr(scalings, "_AHEAD", ahead)
     n, k = 5000, 20
     z = peaked_logits(n, k, seed=4)
     # Float32 exp(λ (z − max)) of cluster K-1 underflows for every row (λ·20 ≫ 87).
@@ -188,6 +169,7 @@ def test_peaked_logits_still_give_equal_clusters(
     res = sinkhorn_knopp(z, lam)
     assert res.converged and res.error < 1e-3
     assert torch.isfinite(res.log_alpha).all() and torch.isfinite(res.log_beta).all()
+    assert res.rebuilds >= 1  # the shunned cluster's column underflows: P must be rebuilt
     assert res.log_alpha[0] < res.log_alpha[1:].min()  # the favourite is taxed
     assert res.log_alpha[-1] > res.log_alpha[:-1].max()  # the shunned one is subsidised
     sizes = torch.bincount(res.labels, minlength=k)
@@ -201,7 +183,7 @@ def test_peaked_logits_still_give_equal_clusters(
 def test_constant_logits() -> None:
     z = torch.full((50, 5), 3.7)
     res = sinkhorn_knopp(z, 25.0)
-    assert res.converged and res.iterations == 1 and res.error < 1e-6
+    assert res.converged and res.iterations == 1 and res.error < 1e-6 and res.rebuilds == 0
     assert torch.allclose(plan(res, z, 25.0), torch.full((50, 5), 1 / 250, dtype=torch.float64))
     assert torch.allclose(res.log_alpha, res.log_alpha[0].expand(5))
     assert res.labels.dtype == torch.int64 and ((res.labels >= 0) & (res.labels < 5)).all()
@@ -223,7 +205,7 @@ def test_dtypes_and_input_untouched() -> None:
 def test_chunked_cpu_pass_and_check_every(monkeypatch: pytest.MonkeyPatch) -> None:
     z = peaked_logits(3000, 16, seed=6)
     whole = sinkhorn_knopp(z, 25.0)
-    monkeypatch.setattr(sk, "_CHUNK_BYTES", 1)  # 64-row chunks (the floor), last one partial
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 1)  # 64-row chunks (the floor), last one partial
     chunked = sinkhorn_knopp(z, 25.0)
     assert chunked.iterations == whole.iterations
     assert torch.equal(chunked.labels, whole.labels)
@@ -262,7 +244,7 @@ def test_invalid_arguments_raise() -> None:
 def _both_kernels(z: torch.Tensor, la0: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(P, M) built by torch and by the fused kernel with 3 uneven row tasks."""
     z_max = z.amax(1)
-    return [sk._build_kernel(z, z_max, 25.0, la0, None, threads)[:2] for threads in (0, 3)]
+    return [kernels._build_kernel(z, z_max, 25.0, la0, None, threads)[:2] for threads in (0, 3)]
 
 
 @pytest.mark.parametrize("n", [0, 1797])
@@ -279,9 +261,9 @@ def test_numba_kernels_match_torch(n: int) -> None:
         # The fused build also does the first sweep on the new kernel (given a, ω = 1, check).
         b_f, ex_f, b_s, ex_s = (torch.zeros(rows) for _ in range(4))
         a1 = torch.linspace(-60.0, 0.0, k).exp()
-        built = sk._build_kernel(z, z.amax(1), 25.0, la0, None, 3, (b_f, ex_f, 1 / 2000, a1))
+        built = kernels._build_kernel(z, z.amax(1), 25.0, la0, None, 3, (b_f, ex_f, 1 / 2000, a1))
         c_f = built[2]
-        c_s = sk._sweep(p_n, a1, b_s, ex_s, 1 / 2000, 1.0, True, 3)
+        c_s = kernels._sweep(p_n, a1, b_s, ex_s, 1 / 2000, 1.0, True, 3)
         assert c_f is not None and torch.allclose(c_f, c_s, rtol=1e-6, atol=0.0)
         assert torch.allclose(b_f, b_s, rtol=1e-6, atol=0.0) and torch.equal(b_f, ex_f)
         a = torch.rand(k, generator=torch.Generator().manual_seed(rows)) * 0.9 + 0.1
@@ -290,7 +272,7 @@ def test_numba_kernels_match_torch(n: int) -> None:
             out = []
             for threads in (0, 3):
                 b, b_ex = b0.clone(), torch.zeros(rows)
-                c = sk._sweep(p_n, a, b, b_ex, 1 / 2000, omega, check, threads)
+                c = kernels._sweep(p_n, a, b, b_ex, 1 / 2000, omega, check, threads)
                 out.append((b, b_ex, c.double()))
             (b_t, ex_t, c_t), (b_n, ex_n, c_n) = out
             assert torch.allclose(b_n, b_t, rtol=2e-6, atol=0.0)
@@ -306,7 +288,9 @@ def test_numba_kernels_match_torch(n: int) -> None:
             z_max, la = z.amax(1), []
             for threads in (0, 3):
                 buf = torch.empty(rows, k)
-                la.append(sk._exact_log_alpha(z, z_max, 25.0, la0, m_n, b0, buf, None, threads))
+                la.append(
+                    kernels._exact_log_alpha(z, z_max, 25.0, la0, m_n, b0, buf, None, threads)
+                )
             assert torch.allclose(la[1], la[0], rtol=0.0, atol=2e-5)
         want = p_t.mul(a).argmax(1) if rows else torch.zeros(0, dtype=torch.int64)
         labels = sinkhorn_cpu.scaled_argmax(p_n.numpy(), a.numpy(), 3)
@@ -323,13 +307,13 @@ def test_recomputed_linear_logits_match_stored(
     exact log-domain column step, both of which re-read the logits chunk by chunk."""
     monkeypatch.setenv("SELFCLUST_SINKHORN_CPU", kernel)
     exact_steps = []
-    exact = sk._exact_log_alpha
+    exact = kernels._exact_log_alpha
 
     def counted(*args: object, **kw: object) -> torch.Tensor:
         exact_steps.append(1)
         return exact(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sk, "_exact_log_alpha", counted)
+    monkeypatch.setattr(sk, "_exact_log_alpha", counted)  # the name the solver loop reads
     z = peaked_logits(3000, 24, 9)
     ref = sinkhorn_knopp(z, 50.0)
     assert ref.converged and exact_steps
@@ -337,7 +321,7 @@ def test_recomputed_linear_logits_match_stored(
         lin = LinearLogits(z, torch.eye(24), chunk=chunk)
         assert torch.equal(torch.cat([blk for _, blk in lin.blocks()]), z)  # z I + 0 is exact
         got = sinkhorn_knopp(lin, 50.0)
-        assert got.iterations == ref.iterations and got.converged
+        assert got.iterations == ref.iterations and got.rebuilds == ref.rebuilds and got.converged
         assert torch.equal(got.labels, ref.labels)
         tol = 0.0 if chunk == 3000 else 1e-4
         assert torch.allclose(got.log_alpha, ref.log_alpha, rtol=0.0, atol=tol)
@@ -454,6 +438,7 @@ def test_distributed_equals_single_process(tmp_path: Path, bounds: list[int]) ->
         ref = sinkhorn_knopp(z, lam)
         got = [o[name] for o in outs]
         assert all(g["iterations"] == ref.iterations for g in got)
+        assert all(g["rebuilds"] == ref.rebuilds for g in got)
         assert all(g["converged"] == ref.converged for g in got)
         assert torch.equal(torch.cat([g["labels"] for g in got]), ref.labels)
         for g in got:
