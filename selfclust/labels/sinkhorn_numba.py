@@ -1,5 +1,10 @@
 """Fused CPU kernels for :mod:`selfclust.labels.sinkhorn` (numba), one pass over the block each.
 
+(Over STYLE's ~300 lines on purpose: it is one unit, six parallel kernels and the private
+helpers they all inline, the FTZ/DAZ (MXCSR) intrinsics, the fast exp and the 8-wide max;
+a split would put the numerics that must agree in two files. Its only caller is
+:mod:`~selfclust.labels.sinkhorn_kernels`, which holds the torch equivalents.)
+
 Why: with BLAS, one Sinkhorn sweep is two matrix-vector products (rows ``P @ a``, then the
 column sums ``b @ P`` on the same cache-sized chunk): ~2× a plain read of the block even with
 the chunk in cache. Here every row is read from memory once: its dot with ``a`` while it
@@ -13,9 +18,9 @@ Rows are split evenly over ``tasks`` threads; each keeps float32 column sums ove
 as a float32 BLAS ``gemv`` over the block. Results depend on the thread count only by rounding.
 
 Never call these in a forked DataLoader worker (numba's OpenMP layer is not fork-safe):
-:func:`selfclust.labels.sinkhorn` only uses them in the training process. numba's pool (the system
-libgomp) is separate from torch's; its first launch resets torch's thread count, which
-:func:`selfclust.labels.sinkhorn._numba_threads` restores.
+:mod:`selfclust.labels.sinkhorn_kernels` only uses them in the training process. numba's pool
+(the system libgomp) is separate from torch's; its first launch resets torch's thread count,
+which :func:`selfclust.labels.sinkhorn_kernels._numba_threads` restores.
 """
 
 from __future__ import annotations
@@ -59,12 +64,12 @@ def _mxcsr(typingctx: Any, flush: Any) -> Any:
     """x86: returns this thread's MXCSR, and with ``flush`` set turns on FTZ and DAZ;
     ``_mxcsr_restore`` puts a saved value back. A no-op (returns 0) elsewhere.
 
-    Why: the spread of column scalings the kernels allow (see :mod:`~selfclust.labels.sinkhorn`)
-    makes
-    products ``P_ik a_k`` of ~e^-150 common. Their exact value is irrelevant (they are < e^-20
-    of their row's mass), but on Intel cores an op with a denormal or underflowing result can
-    take a microcode assist (~100+ cycles) unless FTZ is on. numba sets no FP mode itself, and
-    the threads are numba's, so each parallel task sets and restores its own.
+    Why: the spread of column scalings the kernels allow (see
+    :mod:`~selfclust.labels.sinkhorn_scalings`) makes products ``P_ik a_k`` of ~e^-150 common.
+    Their exact value is irrelevant (they are < e^-20 of their row's mass), but on Intel cores
+    an op with a denormal or underflowing result can take a microcode assist (~100+ cycles)
+    unless FTZ is on. numba sets no FP mode itself, and the threads are numba's, so each
+    parallel task sets and restores its own.
     """
     sig = types.int32(types.boolean)
 
@@ -256,9 +261,10 @@ def build_kernel(z, z_max, lam, log_alpha0, log_p_min, out, m, inv_n, a, b, b_ex
 
 @numba.njit(parallel=True, cache=True, fastmath=_FM_SWEEP)
 def sweep(p, a, b, b_ex, inv_n, omega, check, tasks):  # type: ignore[no-untyped-def]
-    """One pass over P [n, K] float32; same contract as :func:`selfclust.labels.sinkhorn._sweep`:
-    ``e_i = inv_n / (P @ a)_i``, ``b_i ← e_i (e_i / b_i)^(ω−1)`` in place, ``b_ex = e`` on
-    check iterations; returns the column sums [2, K] float64: ``b @ P`` and (check) ``e @ P``.
+    """One pass over P [n, K] float32; same contract as
+    :func:`selfclust.labels.sinkhorn_kernels._sweep`: ``e_i = inv_n / (P @ a)_i``,
+    ``b_i ← e_i (e_i / b_i)^(ω−1)`` in place, ``b_ex = e`` on check iterations; returns the
+    column sums [2, K] float64: ``b @ P`` and (check) ``e @ P``.
     """
     n, k = p.shape
     totals = np.zeros((tasks, 2, k), np.float64)
