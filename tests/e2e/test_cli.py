@@ -96,6 +96,7 @@ def test_train_evaluate_resume(
     assert "optim.lr" in r.stderr and "another config" in r.stderr
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_fast_with_clear_errors(shards: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -159,6 +159,8 @@ def _rank(rank: int, world: int, x: torch.Tensor, samples: int) -> torch.Tensor:
     return torch.stack([idx, out[0], refreshed[0]])
 
 
+# UMAP's numba code compiles again in each rank (~20 s; its functions are not cached)
+@pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = torch.from_numpy(digits[0]), digits[1]
     one = _rank(0, 1, x, 1200)  # no process group: the single-process path, in this process
