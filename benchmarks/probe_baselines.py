@@ -17,7 +17,8 @@ from torch import nn
 
 from selfclust.data.shardset import ShardSet
 from selfclust.eval.evaluate import load_run
-from selfclust.eval.probe import ProbeConfig, probe_model
+from selfclust.eval.probe import ProbeConfig
+from selfclust.eval.probe_protocol import probe_model
 from selfclust.models.selflabel import SelfLabelNet
 
 

@@ -21,7 +21,8 @@ import torch
 from selfclust import collectives as C
 from selfclust.config import RunConfig
 from selfclust.data.shardset import ShardSet
-from selfclust.eval.probe import ProbeConfig, probe_model
+from selfclust.eval.probe import ProbeConfig
+from selfclust.eval.probe_protocol import probe_model
 
 AUTO_MIN_SAMPLES = 50_000
 """``--workers auto`` uses the run's ``trainer.num_workers`` ranks only when more samples than

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from selfclust.data.urls import DEFAULT_TIMEOUT_S, MANIFEST, ShardNotFound, parse_spec, read_url
 
 if TYPE_CHECKING:
-    from selfclust.shards.sources import Source
+    from selfclust.shards.source import Source
 
 FORMAT = "selfclust-shards/1"
 _SHARD_HELP = "create one with `selfclust shard SOURCE OUT`"

@@ -22,8 +22,9 @@ import webdataset as wds
 
 from selfclust.data.urls import MANIFEST
 from selfclust.shards.encode import ARRAY_FORMATS, ENCODINGS, encode_item
+from selfclust.shards.encode_pool import encode_parallel
 from selfclust.shards.manifest import FORMAT, build_manifest
-from selfclust.shards.sources import encode_parallel, resolve_source
+from selfclust.shards.sources import resolve_source
 from selfclust.shards.upload import Uploader
 
 SHARD_PATTERN = "shard-{:06d}.tar"

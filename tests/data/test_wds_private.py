@@ -1,4 +1,4 @@
-"""webdataset's private shuffle buffer, behind selfclust.data.streams.wds_shuffle.
+"""webdataset's private shuffle buffer, behind selfclust.data.worker_streams.wds_shuffle.
 
 ``wds.filters._shuffle`` is not public API. The training data order (and so every resumed
 run) depends on it drawing exactly as it does in the pinned version; these tests fail, naming
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from selfclust.data.streams import wds_shuffle
+from selfclust.data.worker_streams import wds_shuffle
 
 PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
 
@@ -31,7 +31,7 @@ def _pin(name: str) -> str:
 PIN = _pin("webdataset")
 WHY = (
     f"webdataset {version('webdataset')} is installed; selfclust pins {PIN} (pyproject.toml) "
-    "because selfclust.data.streams.wds_shuffle calls the private wds.filters._shuffle"
+    "because selfclust.data.worker_streams.wds_shuffle calls the private wds.filters._shuffle"
 )
 
 

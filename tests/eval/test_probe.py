@@ -5,6 +5,7 @@ and the same result on 2 gloo ranks as on one (features extracted per rank from 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,15 +16,17 @@ from selfclust import collectives as C
 from selfclust.checkpoint import Position, make_state, write_state
 from selfclust.config import AugmentConfig, ModelConfig, RunConfig, load_config
 from selfclust.data.shardset import ShardSet
-from selfclust.eval.probe import Features, ProbeConfig, extract, probe_features, probe_model
+from selfclust.eval.features import Features, extract
+from selfclust.eval.probe import ProbeConfig
 from selfclust.eval.probe_launch import AUTO_MIN_SAMPLES, resolve_workers, run_probe
+from selfclust.eval.probe_protocol import probe_features, probe_model
 from selfclust.labels.bank import LabelBank
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards
 from tests.helpers.spawn import run_ranks
 
 ROOT = Path(__file__).parents[2]  # the repository
-FAST = dict(epochs=15, batch_size=128, views=1, knn_k=(20,))
+FAST: dict[str, Any] = dict(epochs=15, batch_size=128, views=1, knn_k=(20,))
 
 
 def synthetic(seed: int, n: int, classes: int = 10, d: int = 24, shuffle: bool = False):
