@@ -117,10 +117,8 @@ def main() -> None:
                     "use_gpu": True,
                     "cpus_per_worker": 8,
                     "precision": "bf16",
-                    "channels_last": True,
                     "compile": args.compile,
                 },
-                "checkpoint": {"after_relabel": False},
                 "wandb": {"mode": "disabled"},
             }
         )

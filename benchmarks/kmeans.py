@@ -2,8 +2,8 @@
 fallback on the same data, two ways, one run:
 
 1. as each is called by default: ``selfclust.labels.kmeans.kmeans(x, k)`` (faiss, random start,
-   ``kmeans_iters`` = 25 Lloyd iterations, the label initialisation's call), the same with
-   the early stop ``tol`` (``method.kmeans_tol``) and with an AFK-MC² start, against
+   ``LLOYD_ITERS`` = 25 Lloyd iterations, every k-means selfclust runs), the same with the
+   library's early stop (``tol=``) and with an AFK-MC² start (``seeding=``), against
    ``sklearn.cluster.KMeans(k)`` with its defaults (k-means++ start, one run, Lloyd until the
    centre shift is under tol=1e-4, at most 300 iterations): time and objective;
 2. equal work: same starting centroids, same number of Lloyd iterations.
@@ -70,7 +70,7 @@ def timed(fn):  # type: ignore[no-untyped-def]
 
 def defaults_table(x: torch.Tensor, args: argparse.Namespace) -> None:
     """Table 1: each library as it is called by default (see the module doc), and selfclust
-    with the early stop (``method.kmeans_tol``) and with the AFK-MC² start."""
+    with the early stop (``tol=``) and with the AFK-MC² start (``seeding=``)."""
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
@@ -113,8 +113,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sklearn", action="store_true")
     ap.add_argument("--skip-defaults", action="store_true", help="only the equal-work table")
-    ap.add_argument("--default-iters", type=int, default=25, help="selfclust's kmeans_iters")
-    ap.add_argument("--tol", type=float, default=1e-3, help="the early-stop row's kmeans_tol")
+    ap.add_argument("--default-iters", type=int, default=25, help="selfclust's LLOYD_ITERS")
+    ap.add_argument("--tol", type=float, default=1e-3, help="the early-stop row's tol")
     ap.add_argument("--gpu", action="store_true", help="also run on the CUDA device")
     args = ap.parse_args()
 

@@ -86,10 +86,10 @@ def test_checkpoint_compatibility_tolerates_new_keys_with_defaults() -> None:
 
     cfg = load_config(None, [])
     old = cfg.to_dict()
-    del old["method"]["kmeans_iters"]  # written by a selfclust that had no such key
+    del old["method"]["kmeans_samples"]  # written by a selfclust that had no such key
     check_compatible(old, cfg, "old checkpoint")  # the default fills it: compatible
-    changed = load_config(None, ["method.kmeans_iters=3"])
-    with pytest.raises(IncompatibleCheckpoint, match="method.kmeans_iters"):
+    changed = load_config(None, ["method.kmeans_samples=3"])
+    with pytest.raises(IncompatibleCheckpoint, match="method.kmeans_samples"):
         check_compatible(old, changed, "old checkpoint")
 
 
@@ -99,17 +99,17 @@ MANIFOLD = ["method.cluster_init=manifold"]
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["method.name=dec"], ["method.heads=1", "got 10"]),
-        (["method.name=dgg", "method.heads=1", "method.pixels=standardized"], ["[0, 1]"]),
-        (["method.name=depict", "method.heads=1", "method.conv_kernels=[4]"], ["conv_kernels"]),
+        (["method.name=dec", "method.heads=10"], ["method.name=dec has no method.heads", "1"]),
+        (["method.name=dgg", "method.pixels=standardized"], ["[0, 1]"]),
+        (["method.name=depict", "method.conv_kernels=[4]"], ["conv_kernels"]),
         (["method.name=kmeans"], ["method.name"]),
-        (["method.name=dgg", "method.heads=1", "method.sigma_rank=11"], ["sigma_rank"]),
+        (["method.name=dgg", "method.sigma_rank=11"], ["sigma_rank"]),
         (["method.manifold_init_candidates=4"], ["init=manifold_pixels", "init=random"]),
         (
-            ["method.name=dec", "method.heads=1", "method.manifold_init_candidates=4"],
+            ["method.name=dec", "method.manifold_init_candidates=4"],
             ["cluster_init=kmeans", "method.cluster_init=manifold"],
         ),
-        (["method.cluster_init=manifold"], ["DEC/DEPICT/DGG", "method.init"]),
+        (["method.cluster_init=manifold"], ["dec, depict and dgg", "method.init"]),
         (
             [
                 "method.init=manifold_pixels",
@@ -117,35 +117,32 @@ MANIFOLD = ["method.cluster_init=manifold"]
                 "method.manifold_init_candidates=2",
                 "method.manifold_init_select=consensus",
             ],
-            ["3 or more", "manifold_init_select=silhouette"],
+            ["method.manifold_init_select", "silhouette"],
         ),
-        (["method.name=dec", "method.heads=1", "method.clusters=2000", *MANIFOLD], ["1000"]),
+        (["method.name=dec", "method.clusters=2000", *MANIFOLD], ["1000"]),
         (
             [
                 "method.name=dgg",
-                "method.heads=1",
-                "method.pixels=unit",
                 "method.relabels=3",
                 "method.clusters=10",
                 "method.manifold_relabels=1",
             ],
-            ["sela and depict", "method.manifold_relabels=0"],
+            ["sela and depict", "remove it"],
         ),
         (
             [
                 "method.name=depict",
-                "method.heads=1",
                 "method.clusters=10",
                 "method.init=manifold_pixels",
             ],
-            ["SeLa's", "method.cluster_init=manifold"],
+            ["a key of sela", "method.cluster_init"],
         ),  # fmt: skip
         (
-            ["method.name=dec", "method.heads=1", "method.noise_augment=true"],
-            ["DEPICT's noisy path", "method.noise_augment=false"],
+            ["method.name=dec", "method.noise_augment=true"],
+            ["method.noise_augment is a key of depict", "remove it"],
         ),
         (
-            ["method.name=depict", "method.heads=1", "augment.where=loader"],
+            ["method.name=depict", "augment.where=loader"],
             ["method.name=depict", "augment.where=device"],
         ),
     ],

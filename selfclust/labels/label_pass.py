@@ -18,7 +18,7 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.data.augment import normalize
-from selfclust.labels.kmeans import Seeding, assign, distributed_centroids, sample_pool
+from selfclust.labels.kmeans import LLOYD_ITERS, Seeding, assign, distributed_centroids, sample_pool
 from selfclust.labels.sinkhorn import LinearLogits, sinkhorn_knopp
 from selfclust.seeds import head_seed
 
@@ -83,10 +83,11 @@ def embed(
 
 
 def thumbnails(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Feature map for k-means on raw pixels: images area-pooled to size×size, flattened."""
+    """Feature map for k-means on raw pixels: images area-pooled to s×s with s = min(size,
+    their side) (never upsampled), flattened."""
 
     def features(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1)
+        return torch.nn.functional.adaptive_avg_pool2d(x, min(size, x.shape[-1])).flatten(1)
 
     return features
 
@@ -191,7 +192,7 @@ def kmeans_labels(
     l2_normalize: bool = True,
     group: Any = C.WORLD,
     init_heads: nn.ModuleList | None = None,
-    niter: int = 25,
+    niter: int = LLOYD_ITERS,
     seeding: Seeding = "random",
     tol: float = 0.0,
 ) -> torch.Tensor:

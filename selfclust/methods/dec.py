@@ -21,7 +21,12 @@ import torch
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.labels.kmeans import Seeding, distributed_centroids, objective, sample_pool
+from selfclust.labels.kmeans import (
+    LLOYD_ITERS,
+    Seeding,
+    distributed_centroids,
+    objective,
+)
 from selfclust.methods.autoencoder import MLPAutoencoder
 
 
@@ -64,21 +69,6 @@ def kl_loss(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     step size independent of the batch size). Gradients flow through ``log_q`` only."""
     p = log_p.exp().to(log_q.dtype)
     return (p * (log_p.to(log_q.dtype) - log_q)).sum(1).mean()
-
-
-def assignment_change(previous: torch.Tensor, current: torch.Tensor, group: Any = C.WORLD) -> float:
-    """Fraction of samples (over all ranks) whose argmax cluster changed between two refreshes.
-
-    ``previous`` and ``current`` are this rank's hard assignments ``[n_r]`` of the same samples
-    in the same order. One all-reduce of two int64 counts.
-    """
-    if previous.shape != current.shape:
-        raise ValueError(f"assignments differ in shape: {previous.shape} vs {current.shape}")
-    counts = torch.tensor([int((previous != current).sum()), previous.numel()])
-    counts = C.all_reduce_sum(counts, group)
-    if int(counts[1]) == 0:
-        raise ValueError("no assignments on any rank: the label pass read no samples")
-    return float(counts[0]) / float(counts[1])
 
 
 @dataclass
@@ -140,38 +130,12 @@ class DECNet(nn.Module):
         return DECOutput(out.embedding, out.reconstruction, self.clustering(out.embedding))
 
 
-def kmeans_centroids(
-    embeddings: torch.Tensor,
-    idx: torch.Tensor,
-    num_samples: int,
-    clusters: int,
-    restarts: int = 20,
-    samples: int = 100_000,
-    seed: int = 0,
-    niter: int = 25,
-    group: Any = C.WORLD,
-    seeding: Seeding = "random",
-    tol: float = 0.0,
-) -> torch.Tensor:
-    """Initial centroids ``[K, d]``: the best of ``restarts`` k-means runs (DEC: 20) by
-    k-means objective on a global sample of the embeddings (``niter``, ``seeding``, ``tol``
-    as :func:`selfclust.labels.kmeans.kmeans`).
-
-    The sample is picked by global index (:func:`selfclust.labels.kmeans.sample_pool`), so the
-    result
-    does not depend on the number of ranks; rank 0 runs faiss and broadcasts the runs, and every
-    rank scores them on the same pool, so all ranks pick the same one.
-    """
-    pool = sample_pool(embeddings.float(), idx, num_samples, samples, seed, group)
-    return best_centroids(pool, clusters, restarts, seed, niter, group, seeding, tol)
-
-
 def best_centroids(
     pool: torch.Tensor,
     clusters: int,
     restarts: int,
     seed: int,
-    niter: int,
+    niter: int = LLOYD_ITERS,
     group: Any = C.WORLD,
     seeding: Seeding = "random",
     tol: float = 0.0,

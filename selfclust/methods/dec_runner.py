@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from selfclust.config import RunConfig
+from selfclust.config import DecMethod, RunConfig
 from selfclust.labels.label_pass import Embedded
 from selfclust.methods import dec
 from selfclust.methods.autoencoder import denoising_loss
@@ -15,13 +15,14 @@ from selfclust.methods.nets import ClusterNet, DECModel
 from selfclust.methods.runner import Losses, MethodRunner
 
 
-class DECRunner(MethodRunner):
+class DECRunner(MethodRunner[DecMethod]):
+    config = DecMethod
     terms = ("reconstruction", "kl")
 
     def __init__(self, cfg: RunConfig, model: ClusterNet, num_samples: int, **on: Any) -> None:
         super().__init__(cfg, model, num_samples, **on)
         self.f = torch.ones(cfg.method.clusters, dtype=torch.float64)
-        self.stop = dec.StopRule(cfg.method.stop_tol)
+        self.stop = dec.StopRule(self.m.stop_tol)
 
     def pretrain_loss(self, x: torch.Tensor) -> Losses:
         net = self._net(self.model)
@@ -42,12 +43,9 @@ class DECRunner(MethodRunner):
     ) -> Losses:
         net = self._net(self.model)
         log_q = net.clustering(net.ae.encode(x))
-        if self.m.target == "snapshot":
-            with torch.no_grad():
-                t = self._net(self.teacher)
-                source = t.clustering(t.ae.encode(x))
-        else:
-            source = log_q.detach()
+        with torch.no_grad():
+            t = self._net(self.teacher)
+            source = t.clustering(t.ae.encode(x))
         log_p = dec.target_log_p(source, self.f.to(x.device))
         kl = dec.kl_loss(log_p, log_q)
         return {"loss": kl, "kl": kl.detach()}

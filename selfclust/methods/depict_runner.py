@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from selfclust import collectives as C
-from selfclust.config import RunConfig
+from selfclust.config import DepictMethod, RunConfig
 from selfclust.labels.kmeans import sample_pool
 from selfclust.labels.label_pass import Embedded
 from selfclust.labels.manifold import extend_labels, pool_labels
@@ -19,7 +19,8 @@ from selfclust.methods.nets import ClusterNet, DEPICTModel
 from selfclust.methods.runner import Losses, MethodRunner, fit_head
 
 
-class DEPICTRunner(MethodRunner):
+class DEPICTRunner(MethodRunner[DepictMethod]):
+    config = DepictMethod
     terms = ("reconstruction", "ce")
 
     def __init__(self, cfg: RunConfig, model: ClusterNet, num_samples: int, **on: Any) -> None:
@@ -37,7 +38,7 @@ class DEPICTRunner(MethodRunner):
         net.ae.dropout = self.m.pretrain_dropout
         out = net(x)
         zeros = torch.zeros_like(out.noisy_logits)
-        rec = depict.depict_loss(out, zeros, self.m.recon_hidden_weight).reconstruction
+        rec = depict.depict_loss(out, zeros).reconstruction
         return {"loss": rec, "reconstruction": rec.detach()}
 
     def cluster_loss(
@@ -53,14 +54,11 @@ class DEPICTRunner(MethodRunner):
         if self.hard:
             target = F.one_hot(labels, self.m.clusters).double()
         else:
-            if self.m.target == "snapshot":
-                with torch.no_grad():
-                    logits = self._net(self.teacher).clean_logits(x)
-            else:
-                logits = out.clean_logits.detach()
+            with torch.no_grad():
+                logits = self._net(self.teacher).clean_logits(x)
             p = torch.softmax(logits.float(), 1)
-            target = depict.balanced_target(p, self.s.to(x.device), self.m.target_power)
-        loss = depict.depict_loss(out, target, self.m.recon_hidden_weight)
+            target = depict.balanced_target(p, self.s.to(x.device))
+        loss = depict.depict_loss(out, target)
         return {
             "loss": loss.total,
             "reconstruction": loss.reconstruction.detach(),
@@ -102,8 +100,7 @@ class DEPICTRunner(MethodRunner):
         with torch.no_grad():
             current = self.model.scores(pool).argmax(1).cpu()
         seed, k = manifold_seed, m.clusters
-        labels = pool_labels(pool, 1, k, seed, m.manifold_neighbors, m.manifold_dim,
-                             m.manifold_restarts, align_to=current[None])  # fmt: skip
+        labels = pool_labels(pool, 1, k, seed, m.manifold_neighbors, align_to=current[None])
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, seed, k)[0]
         self.hard = True
         agree = float((labels[0] == current).double().mean())

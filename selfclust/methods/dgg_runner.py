@@ -10,19 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from selfclust import collectives as C
-from selfclust.config import RunConfig
+from selfclust.config import DggMethod, RunConfig
 from selfclust.labels.label_pass import Embedded
 from selfclust.methods import dgg, graph
 from selfclust.methods.nets import ClusterNet, DGGModel
 from selfclust.methods.runner import Losses, MethodRunner, fit_head
 
 
-class DGGRunner(MethodRunner):
+class DGGRunner(MethodRunner[DggMethod]):
+    config = DggMethod
     terms = ("reconstruction", "elbo", "graph", "fetch_missing")
 
     def __init__(self, cfg: RunConfig, model: ClusterNet, num_samples: int, **on: Any) -> None:
         super().__init__(cfg, model, num_samples, **on)
-        k = cfg.method.knn_k
+        k = self.m.knn_k
         self.neighbours = torch.zeros(num_samples, k, dtype=torch.int64)
         self.weights = torch.zeros(num_samples, k)
         self.owned_idx = torch.zeros(0, dtype=torch.int64)
@@ -77,7 +78,7 @@ class DGGRunner(MethodRunner):
         model.prior.load_statistics(dgg.gmm_statistics(z, F.one_hot(own, m.clusters).to(z)))
         ce = fit_head(model.net.classifier, pool, pool_labels, m.head_fit_steps)
         knn = graph.knn_graph(z, emb.idx, m.knn_k)
-        w = graph.similarity_weights(knn.sq_distances, m.sigma_rank)
+        w = graph.similarity_weights(knn.sq_distances)
         # The table goes to every rank like the label bank: N × k, never N × K.
         rows = C.all_gather_cat(torch.cat([emb.idx[:, None].cpu(), knn.neighbours], 1))
         weights = C.all_gather_cat(w.float().contiguous())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfclust.config import AugmentConfig, RunConfig
+from selfclust.config import AugmentConfig, DecMethod, DepictMethod, DggMethod, RunConfig, expect
 from selfclust.data.augment import augment, normalize
 from selfclust.methods.autoencoder import MLPAutoencoder
 from selfclust.methods.dec import DECNet
@@ -104,9 +104,9 @@ class DECModel(ClusterNet):
     """DEC: MLP autoencoder d-…-embed_dim (paper: d-500-500-2000-10) + Student-t centroids."""
 
     def __init__(self, cfg: RunConfig, input_dim: int) -> None:
-        m = cfg.method
+        m = expect(cfg.method, DecMethod)
         super().__init__(m.pixels, m.clusters)
-        self.net = DECNet(MLPAutoencoder(input_dim, m.embed_dim, m.hidden), m.clusters, m.alpha)
+        self.net = DECNet(MLPAutoencoder(input_dim, m.embed_dim, m.hidden), m.clusters)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.ae.encode(x)
@@ -120,7 +120,7 @@ class DEPICTModel(ClusterNet):
     softmax head on the clean embedding."""
 
     def __init__(self, cfg: RunConfig, channels: int, size: int) -> None:
-        m = cfg.method
+        m = expect(cfg.method, DepictMethod)
         super().__init__(m.pixels, m.clusters)
         ae = ConvAutoencoder(
             channels,
@@ -145,7 +145,7 @@ class DGGModel(ClusterNet):
     prior (a submodule, so the optimiser and checkpoints see it)."""
 
     def __init__(self, cfg: RunConfig, input_dim: int) -> None:
-        m = cfg.method
+        m = expect(cfg.method, DggMethod)
         super().__init__(m.pixels, m.clusters)
         self.net = DGGNet(input_dim, m.clusters, m.embed_dim, m.hidden)
         self.prior = GaussianMixturePrior(m.clusters, m.embed_dim)

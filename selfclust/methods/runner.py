@@ -20,14 +20,14 @@ number of ranks.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfclust import collectives as C
-from selfclust.config import RunConfig
+from selfclust.config import DepictMethod, PretrainedMethod, RunConfig, expect
 from selfclust.data.streams import Batches
 from selfclust.labels.bank import LabelBank
 from selfclust.labels.kmeans import assign, sample_pool
@@ -39,6 +39,7 @@ from selfclust.methods.nets import ClusterNet
 from selfclust.seeds import step_seed
 
 Losses = dict[str, torch.Tensor]  # "loss" (the total) and named terms
+M = TypeVar("M", bound=PretrainedMethod)
 
 
 def fit_head(
@@ -77,8 +78,13 @@ def fit_head(
     return float(loss.detach())
 
 
-class MethodRunner(Method):
-    """Shared machinery; one subclass per method."""
+class MethodRunner(Method, Generic[M]):
+    """Shared machinery; one subclass per method, reading its ``method`` section ``config``.
+
+    Targets (DEC's p, DEPICT's q) come from the teacher, the network as of the last refresh,
+    as the papers do."""
+
+    config: type[M]
 
     terms: tuple[str, ...] = ("reconstruction",)
     phases = ("pretrain", "cluster")
@@ -94,7 +100,7 @@ class MethodRunner(Method):
     ) -> None:
         self.cfg, self.model, self.n = cfg, model, num_samples
         self.device, self.size, self.rank = device or torch.device("cpu"), image_size, rank
-        self.m = cfg.method
+        self.m: M = expect(cfg.method, self.config)
         self.name = self.m.name
         self.pretrain_epochs = self.m.pretrain_epochs
         self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
@@ -120,7 +126,7 @@ class MethodRunner(Method):
         else:
             labels = bank.lookup(idx)[0].to(self.device, non_blocking=True)
             noisy = None
-            if self.m.noise_augment:  # DEPICT: an augmented view for the noisy path
+            if isinstance(self.m, DepictMethod) and self.m.noise_augment:  # the noisy path
                 cfg = self.cfg
                 noisy = self.model.augmented_inputs(
                     images, idx, cfg.augment, cfg.seed, epoch, self.size
@@ -185,13 +191,10 @@ class MethodRunner(Method):
         f = emb.features.float()
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, self.cfg.seed, C.WORLD)
         if m.cluster_init == "kmeans":
-            mu = dec.best_centroids(pool, m.clusters, m.kmeans_restarts, self.cfg.seed,
-                                    m.kmeans_iters, seeding=m.kmeans_seeding,
-                                    tol=m.kmeans_tol)  # fmt: skip
+            mu = dec.best_centroids(pool, m.clusters, m.kmeans_restarts, self.cfg.seed)
             return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
         labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
-                             m.manifold_dim, m.manifold_restarts, m.manifold_init_candidates,
-                             select=m.manifold_init_select)  # fmt: skip
+                             candidates=m.manifold_init_candidates)  # fmt: skip
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, self.cfg.seed,
                             m.clusters)[0]  # fmt: skip
         sums = torch.zeros(m.clusters, f.shape[1], dtype=torch.float64)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfclust.config import RunConfig
+from selfclust.config import RunConfig, SelaMethod, expect
 from selfclust.data.augment import augment, normalize
 from selfclust.data.streams import Batches
 from selfclust.labels.bank import LabelBank
@@ -32,6 +32,15 @@ from selfclust.methods.base import LabelUpdate, Method
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.train.step import Precision
 
+# Raw-pixel first labels (init=kmeans_pixels / manifold_pixels) cluster thumbnails of at most
+# 16 x 16 pixels (every channel): MNIST's 28 px digits keep their strokes, and k-means over
+# 256 dimensions per channel stays cheap; smaller images are used as they are.
+THUMBNAIL_SIDE = 16
+# Sinkhorn stops once every cluster's share is within 1e-3 of 1/K (relative): float32
+# iterations stall near 1e-6, and the labels stop changing well before; the cap is only a cap.
+SINKHORN_TOL = 1e-3
+SINKHORN_MAX_ITERS = 1000
+
 
 class SeLa(Method):
     name = "sela"
@@ -47,6 +56,7 @@ class SeLa(Method):
         precision: Precision,
     ) -> None:
         self.cfg, self.model, self.n = cfg, model, num_samples
+        self.m = expect(cfg.method, SelaMethod)
         self.device, self.size, self.precision = device, image_size, precision
         self.forward = model  # the loop wraps it in DDP (Method.forward)
         # Augment in the loader workers (per-sample OpenCV) or batched on the device.
@@ -79,23 +89,23 @@ class SeLa(Method):
 
     def _pixels(self, initial: bool) -> bool:
         """The first labels from raw-pixel thumbnails rather than backbone features."""
-        return initial and self.cfg.method.init in ("kmeans_pixels", "manifold_pixels")
+        return initial and self.m.init in ("kmeans_pixels", "manifold_pixels")
 
     def embed(self, batches: Batches, num_samples: int, initial: bool) -> Embedded:
         if self._pixels(initial):
-            fn = thumbnails(self.cfg.method.kmeans_pixel_size)
+            fn = thumbnails(THUMBNAIL_SIDE)
             return embed(fn, batches, self.device, self.size, num_samples)
         with self.precision.autocast(self.device):
             return embed(self.model.backbone, batches, self.device, self.size, num_samples)
 
     def first_bank(self) -> torch.Tensor | None:
-        m = self.cfg.method
+        m = self.m
         if m.init != "random":
             return None
         return random_bank(m.heads, self.n, m.clusters, self.cfg.seed)
 
     def first_labels(self, emb: Embedded, bank: LabelBank) -> LabelUpdate:
-        m, pixels = self.cfg.method, self._pixels(True)
+        m, pixels = self.m, self._pixels(True)
         if m.init == "manifold_pixels":
             local = self._manifold(emb, self.cfg.seed, pixels, initial=True, bank=bank)
             return local, {"event": f"init_{m.init}", "labeller": "manifold"}
@@ -107,17 +117,13 @@ class SeLa(Method):
             self.cfg.seed,
             self.n,
             l2_normalize=not pixels,
-            init_heads=self.model.heads if m.kmeans_init_heads else None,
-            niter=m.kmeans_iters,
-            seeding=m.kmeans_seeding,
-            tol=m.kmeans_tol,
         )
         return local, {"event": f"init_{m.init}"}
 
     def update_labels(
         self, emb: Embedded, bank: LabelBank, step: int, manifold: bool
     ) -> LabelUpdate:
-        m = self.cfg.method
+        m = self.m
         if manifold:
             local = self._manifold(emb, self.cfg.seed + step, False, initial=False, bank=bank)
             return local, {"event": "relabel", "labeller": "manifold"}
@@ -125,8 +131,8 @@ class SeLa(Method):
             self.model.heads,
             emb,
             m.lam,
-            m.sinkhorn_tol,
-            m.sinkhorn_max_iters,
+            SINKHORN_TOL,
+            SINKHORN_MAX_ITERS,
             recompute=m.sinkhorn_logits == "recomputed",
         )
         record = {
@@ -139,7 +145,7 @@ class SeLa(Method):
     def _manifold(
         self, emb: Embedded, seed: int, pixels: bool, initial: bool, bank: LabelBank
     ) -> torch.Tensor:
-        m = self.cfg.method
+        m = self.m
         return manifold_labels(
             emb.features,
             emb.idx,
@@ -149,10 +155,7 @@ class SeLa(Method):
             seed,
             self.n,
             neighbors=m.manifold_neighbors,
-            dim=m.manifold_dim,
-            restarts=m.manifold_restarts,
             candidates=m.manifold_init_candidates if initial else 1,
-            select=m.manifold_init_select,
             l2_normalize=not pixels,
             align_to=None if initial else bank.labels,
         )

@@ -31,7 +31,7 @@ def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
 class SmallResNet(nn.Module):
     """conv3×3 stem → stages of BasicBlocks (stride 2 after the first) → global average pool."""
 
-    def __init__(self, in_channels: int, widths: list[int], blocks: int) -> None:
+    def __init__(self, in_channels: int, widths: list[int], blocks: int = 1) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
@@ -65,7 +65,7 @@ class SelfLabelNet(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int, heads: int, clusters: int) -> None:
         super().__init__()
         if cfg.arch == "small_resnet":
-            self.backbone: nn.Module = SmallResNet(in_channels, cfg.widths, cfg.blocks)
+            self.backbone: nn.Module = SmallResNet(in_channels, cfg.widths)
             dim = self.backbone.out_dim  # type: ignore[assignment]
         else:
             self.backbone, dim = _torchvision_backbone(cfg.arch, in_channels, cfg.small_stem)

@@ -66,7 +66,7 @@ class Trainer:
         self.log = MetricsLog(ctx.run_dir, cfg, ctx.wandb_id, enabled=ctx.rank == 0)
         self.losses = LossTracker(m.heads, self.method.terms)
         self.health = DataHealth()
-        self.preemption = PreemptionWatcher(ctx, t.preemption_check_every)
+        self.preemption = PreemptionWatcher(ctx)
         self.updates = LabelUpdates(self.method, self.bank, self.data, self.log,
                                     self.pretrain_steps, self.cluster_steps)  # fmt: skip
 
@@ -123,7 +123,7 @@ class Trainer:
 
     def _start_clustering(self) -> None:
         """Pretraining → clustering: the first labels (a label pass) and the clustering
-        optimiser; checkpointed with the labels (checkpoint.after_relabel)."""
+        optimiser; checkpointed with the labels."""
         self.pos.phase = "cluster"
         self.pos.labels_step = self.pos.global_step
         self.optimizer, self.scheduler = self._optimizer()
@@ -139,9 +139,8 @@ class Trainer:
         self.updates.run(self.model, self.pos.global_step, self.pos.epoch, initial)
         if not initial:
             self.pos.labels_step = self.pos.global_step
-        if self.cfg.checkpoint.after_relabel:
-            # A label pass costs a full sweep of the data: never redo one after a failure.
-            self.checkpoint({"kind": "labels"})
+        # A label pass costs a full sweep of the data: never redo one after a failure.
+        self.checkpoint({"kind": "labels"})
 
     def label_batches(self) -> Batches:
         """Every training sample once over all ranks (BatchNorm statistics synced first)."""

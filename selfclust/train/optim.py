@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from selfclust.config import RunConfig
+from selfclust.config import PretrainedMethod, RunConfig
 from selfclust.train.schedule import lr_at
 
 Optimizers = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]
@@ -18,6 +18,7 @@ def build_optimizer(model: nn.Module, phase: str, cfg: RunConfig, cluster_steps:
     params = list(model.parameters())
     optimizer: torch.optim.Optimizer
     if phase == "pretrain":
+        assert isinstance(m, PretrainedMethod), "only DEC, DEPICT and DGG pretrain"
         optimizer = torch.optim.Adam(params, lr=m.pretrain_lr)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     if o.name == "adam":
@@ -26,8 +27,7 @@ def build_optimizer(model: nn.Module, phase: str, cfg: RunConfig, cluster_steps:
         optimizer = torch.optim.SGD(
             params,
             lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
+            momentum=o.momentum,  # plain momentum, as SeLa (no Nesterov)
             weight_decay=o.weight_decay,
         )
     scheduler = torch.optim.lr_scheduler.LambdaLR(

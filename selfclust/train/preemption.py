@@ -15,11 +15,15 @@ import torch
 from selfclust import collectives as C
 from selfclust.train.context import WorkerContext
 
+# Each poll is a barrier over the ranks (one all-reduce); every 10 steps is well inside the
+# 30-120 s a spot notice gives, and costs nothing measurable per step.
+CHECK_EVERY = 10
+
 
 class PreemptionWatcher:
     """Polls for a notice every ``every`` steps (0: never); reports each run's first one."""
 
-    def __init__(self, ctx: WorkerContext, every: int) -> None:
+    def __init__(self, ctx: WorkerContext, every: int = CHECK_EVERY) -> None:
         self.ctx, self.every = ctx, every
         self.saved = False  # one just-in-time checkpoint per notice
 

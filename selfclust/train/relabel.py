@@ -36,7 +36,7 @@ class LabelUpdates:
         start = int(m.relabel_start * steps)
         schedule = relabel_steps(steps, m.relabels, m.relabel_power, start)
         self.steps = sorted({first_step + s for s in schedule})
-        self.manifold_relabels = m.manifold_relabels
+        self.manifold_relabels = m.manifold_updates()
 
     def due(self, step: int, labels_step: int) -> bool:
         """A scheduled update at ``step`` that is not already in the bank."""

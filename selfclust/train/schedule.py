@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 
 from selfclust.config import OptimConfig
@@ -25,9 +24,9 @@ def relabel_steps(total_steps: int, relabels: int, power: float = 2.0, start: in
     return sorted(s for s in steps if 0 < s < total_steps)
 
 
-def relabels_done(schedule: list[int], step: int) -> int:
-    """How many scheduled relabels happen strictly before ``step``."""
-    return bisect.bisect_left(schedule, step)
+# The step schedule divides the learning rate by 10 at each milestone (SeLa's, and every
+# shipped step recipe's).
+STEP_GAMMA = 0.1
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -40,5 +39,5 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     if cfg.schedule == "step":
         drops = sum(1 for m in cfg.milestones if frac >= m)
-        return cfg.lr * cfg.gamma**drops
+        return cfg.lr * STEP_GAMMA**drops
     return cfg.lr

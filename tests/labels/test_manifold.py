@@ -139,7 +139,7 @@ def _depict_runner(samples: int) -> Any:
     from selfclust.methods.nets import build_cluster_net
     from selfclust.methods.registry import build_runner
 
-    over = ["method.name=depict", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
+    over = ["method.name=depict", "method.clusters=10", "method.embed_dim=64",
             "method.manifold_neighbors=15", f"method.kmeans_samples={samples}",
             "method.kmeans_restarts=2"]  # fmt: skip
     cfg = load_config(None, over)
@@ -226,7 +226,6 @@ def test_worker_loop_with_manifold_label_updates(digits_npz: Path, tmp_path: Pat
         "method.heads=1",
         "method.clusters=10",
         "method.init=manifold_pixels",
-        "method.kmeans_pixel_size=8",
         "method.relabels=3",
         "method.relabel_start=0.4",
         "method.manifold_relabels=2",
@@ -261,7 +260,7 @@ def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray
     from selfclust.methods.registry import build_runner
 
     x, y = torch.from_numpy(digits[0]), digits[1]
-    over = [f"method.name={method}", "method.heads=1", "method.clusters=10", "method.embed_dim=64",
+    over = [f"method.name={method}", "method.clusters=10", "method.embed_dim=64",
             "method.cluster_init=manifold", "method.manifold_neighbors=15",
             "method.kmeans_samples=1200"]  # fmt: skip
     cfg = load_config(None, over)

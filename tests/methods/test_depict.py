@@ -168,7 +168,7 @@ def test_signed_pixels_and_bounded_decoder() -> None:
     from selfclust.data.augment import normalize
     from selfclust.methods.nets import build_cluster_net
 
-    cfg = load_config(None, ["method.name=depict", "method.heads=1", "method.pixels=signed"])
+    cfg = load_config(None, ["method.name=depict", "method.pixels=signed"])
     net = build_cluster_net(cfg, 1, 28).eval()
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     x = net.inputs(images)
@@ -177,7 +177,7 @@ def test_signed_pixels_and_bounded_decoder() -> None:
     assert torch.allclose(net.backbone(normalize(images)), net.features(x), atol=1e-5)
     out = net.net(x)
     assert float(out.reconstructions[0].detach().abs().max()) < 1  # tanh on ẑ⁰
-    unit = build_cluster_net(load_config(None, ["method.name=depict", "method.heads=1"]), 1, 28)
+    unit = build_cluster_net(load_config(None, ["method.name=depict"]), 1, 28)
     assert not unit.net.ae.bounded_output  # [0, 1] and standardised pixels: a linear ẑ⁰
 
 
@@ -208,7 +208,7 @@ def test_augmented_inputs_in_the_nets_pixel_convention(pixels: str) -> None:
     from selfclust.config import AugmentConfig, load_config
     from selfclust.methods.nets import build_cluster_net
 
-    cfg = load_config(None, ["method.name=depict", "method.heads=1", f"method.pixels={pixels}"])
+    cfg = load_config(None, ["method.name=depict", f"method.pixels={pixels}"])
     net = build_cluster_net(cfg, 1, 8)
     images = torch.from_numpy((digits()[0][:32].astype(np.int64) * 255 // 16).astype(np.uint8))
     images = images.reshape(-1, 1, 8, 8)

@@ -25,7 +25,6 @@ from tests.helpers.data import MNIST
 from tests.helpers.data import digits as load_digits
 
 BASE = [
-    "method.heads=1",
     "method.clusters=10",
     "optim.batch_size=64",
     "optim.schedule=constant",
@@ -51,20 +50,20 @@ DIGIT_AUGMENT = [
     "augment.grayscale=0",
 ]
 # Short recipes that train (the papers' shapes, narrower for 8x8 images and CI time).
-RECIPES = {
-    "dec": ["method.hidden=[256,256,512]", "optim.lr=0.01"],
-    "dgg": ["method.hidden=[256,256,512]", "optim.name=adam", "optim.lr=1e-3"],
-}
 SHORT = [
     "optim.batch_size=128",
     "method.pretrain_lr=0.002",
     "method.pretrain_epochs=40",
-    "method.pretrain_dropout=0.0",
-    "method.head_fit_steps=300",
     "method.kmeans_restarts=10",
     "optim.epochs=10",
     "method.relabels=10",
 ]
+NO_DROPOUT = "method.pretrain_dropout=0.0"  # DEC's and DEPICT's pretraining corruption
+HEAD_FIT = "method.head_fit_steps=300"  # DEPICT's and DGG's head fit
+RECIPES = {
+    "dec": ["method.hidden=[256,256,512]", "optim.lr=0.01", NO_DROPOUT],
+    "dgg": ["method.hidden=[256,256,512]", "optim.name=adam", "optim.lr=1e-3", HEAD_FIT],
+}
 
 
 def run_rank(
@@ -259,6 +258,8 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
     over = [
         "method.name=depict",
         *SHORT,
+        NO_DROPOUT,
+        HEAD_FIT,
         "method.pretrain_epochs=20",
         "optim.epochs=5",
         "method.relabels=5",

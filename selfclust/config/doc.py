@@ -2,8 +2,9 @@
 
 ``selfclust config`` prints it as text, Markdown (docs/config.md is this output) or a complete
 commented YAML config of the defaults. Nothing here lists keys by hand: every key, type,
-bound, default and description comes from the schema, and which methods read a key from its
-``json_schema_extra`` (:func:`selfclust.config.key_methods`).
+bound, default and description comes from the schema; which methods read a ``method.*`` key
+from the method models that define it (:func:`selfclust.config.key_owners`), and which read a
+key of another section from its ``json_schema_extra`` (:func:`selfclust.config.key_methods`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import textwrap
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
@@ -19,7 +20,14 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from selfclust.config import METHODS, RunConfig, key_methods, method_defaults
+from selfclust.config import (
+    BY_NAME,
+    METHODS,
+    RunConfig,
+    key_methods,
+    key_owners,
+    method_defaults,
+)
 
 FORMATS = ("text", "markdown", "yaml")
 REGENERATE = "python -m selfclust config --format markdown > docs/config.md"
@@ -74,9 +82,20 @@ def _bounds(field: FieldInfo) -> list[str]:
     return out
 
 
-def _is_section(field: FieldInfo) -> bool:
+def _is_section(name: str, field: FieldInfo) -> bool:
     ann = field.annotation
-    return isinstance(ann, type) and issubclass(ann, BaseModel)
+    return name == "method" or (isinstance(ann, type) and issubclass(ann, BaseModel))
+
+
+def _method_fields() -> dict[str, tuple[FieldInfo, Any]]:
+    """Every ``method.*`` key: its field and default in the first method that reads it."""
+    out: dict[str, tuple[FieldInfo, Any]] = {}
+    for name in METHODS:
+        for k, f in BY_NAME[name].model_fields.items():
+            if k not in out:
+                default = name if k == "name" else f.get_default(call_default_factory=True)
+                out[k] = (f, default)
+    return out
 
 
 def _key(name: str, field: FieldInfo, default: Any, owners: tuple[str, ...]) -> Key:
@@ -89,6 +108,25 @@ def _key(name: str, field: FieldInfo, default: Any, owners: tuple[str, ...]) -> 
     )
 
 
+def _method_section(method: str | None, description: str) -> Section:
+    keys = []
+    for k, (f, default) in _method_fields().items():
+        owners = key_owners(k)
+        if method is not None:
+            if method not in owners:
+                continue
+            default = (
+                method
+                if k == "name"
+                else BY_NAME[method].model_fields[k].get_default(call_default_factory=True)
+            )
+        key = _key(f"method.{k}", f, default, owners)
+        if k == "name":  # each method's model allows only its own name
+            key = replace(key, type=" | ".join(METHODS))
+        keys.append(key)
+    return Section("method", description, keys)
+
+
 def sections(method: str | None = None) -> list[Section]:
     """Every key, section by section, in schema order; with ``method`` only the keys it reads,
     with that method's defaults (:func:`selfclust.config.method_defaults`)."""
@@ -96,8 +134,11 @@ def sections(method: str | None = None) -> list[Section]:
     top = Section("", "", [])
     out = [top]
     for name, field in RunConfig.model_fields.items():
-        if not _is_section(field):
+        if not _is_section(name, field):
             top.keys.append(_key(name, field, defaults[name], METHODS))
+            continue
+        if name == "method":
+            out.append(_method_section(method, field.description or ""))
             continue
         owners = key_methods(field)
         if method is not None and method not in owners:
@@ -116,7 +157,10 @@ def all_fields() -> Iterator[tuple[str, FieldInfo]]:
     """(dotted name, field) of every section and key of :class:`RunConfig`."""
     for name, field in RunConfig.model_fields.items():
         yield name, field
-        if _is_section(field):
+        if name == "method":
+            for k, (f, _) in _method_fields().items():
+                yield f"method.{k}", f
+        elif _is_section(name, field):
             model: type[BaseModel] = field.annotation  # type: ignore[assignment]
             for k, f in model.model_fields.items():
                 yield f"{name}.{k}", f
@@ -160,7 +204,7 @@ def render_markdown(method: str | None = None) -> str:
     lines = [
         "# Configuration keys",
         "",
-        f"*Generated from the schema in `selfclust/config.py`; do not edit it by hand. "
+        f"*Generated from the schema in `selfclust/config/`; do not edit it by hand. "
         f"Regenerate with `{REGENERATE}` (`tests/test_config_schema.py` fails while this "
         "file and the schema differ).*",
         "",

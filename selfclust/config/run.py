@@ -1,0 +1,273 @@
+"""The run config: the sections composed into :class:`RunConfig`, and how configs are read.
+
+A config a person wrote (:func:`load_config`, :func:`build_config`) is checked strictly: a
+``method.*`` key of another method is an error naming the method it belongs to, and a key that
+is now fixed in the code (:mod:`selfclust.config.fixed`) is an error unless it holds the fixed
+value. A resolved config read back (a checkpoint's, RUN_DIR/config.yaml, with
+``RunConfig.model_validate``) may come from an older selfclust that held every method's keys:
+the keys its method does not read are dropped, since they never did anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
+
+from selfclust.config.fixed import FIXED, RemovedKeyWarning, fixed_error, not_a_key, reads
+from selfclust.config.methods import BY_NAME, METHODS, MethodConfig, SelaMethod, key_owners
+from selfclust.config.sections import (
+    AugmentConfig,
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RayConfig,
+    TrainerConfig,
+    WandbConfig,
+    _for,
+    _Section,
+)
+
+# Validation context of configs a person wrote: they are resolved strictly (resolve_keys).
+_USER_KEYS = "user_keys"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class RunConfig(_Section):
+    seed: int = Field(
+        0,
+        ge=0,
+        description="random seed of the initial weights, the first labels, the clustering "
+        "samples, the augmentations and the shard order",
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="what to train and evaluate on"
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="SeLa's network; dec/depict/dgg build their papers' nets from method.*",
+        json_schema_extra=_for("sela"),
+    )
+    method: MethodConfig = Field(
+        default_factory=SelaMethod,
+        description="the clustering method (chosen by method.name), its label updates and "
+        "its networks",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="SeLa's training augmentations (and DEPICT's method.noise_augment views)",
+        json_schema_extra=_for("sela", "depict"),
+    )
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig,
+        description="optimiser and learning-rate schedule (dec/depict/dgg: of the clustering "
+        "phase)",
+    )
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig,
+        description="Ray Train workers, restarts, logging and GPU settings",
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig,
+        description="when checkpoints are written and how many are kept",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray cluster to run on")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict):
+            return resolve_keys(data, strict=bool((info.context or {}).get(_USER_KEYS)))
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.method.name != "sela" and self.augment.where == "loader":
+            raise ValueError(
+                f"augment.where=loader crops in the loader workers for SeLa; method.name="
+                f"{self.method.name} needs the plain images (DEPICT's method.noise_augment "
+                "augments on the device): set augment.where=device"
+            )
+        workers = max(1, self.trainer.num_workers)
+        if self.optim.batch_size % workers:
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} is not divisible by "
+                f"trainer.num_workers={workers}; the global batch is split evenly over workers"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# What a user who set another method's key most likely wants instead.
+_HINTS = {
+    "init": " (DEC/DEPICT/DGG's first partition: method.cluster_init, e.g. manifold)",
+    "cluster_init": " (SeLa's first labels: method.init, e.g. manifold_pixels)",
+}
+
+
+def _owner_default(key: str, owners: tuple[str, ...]) -> list[Any]:
+    fields = (BY_NAME[m].model_fields[key] for m in owners)
+    return [f.get_default(call_default_factory=True) for f in fields]
+
+
+def resolve_keys(tree: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """``tree`` without the keys its method does not read and without fixed keys at their
+    value. ``strict`` (a config a person wrote): a key of another method not at its default,
+    or a fixed key at another value, raises :class:`ConfigError`; otherwise (a resolved config)
+    keys of another method are dropped whatever their value."""
+    tree = copy.deepcopy(tree)
+    method = tree.get("method")
+    if method is None:
+        method = tree["method"] = {}
+    if not isinstance(method, dict):
+        return tree  # pydantic says what is wrong
+    name = method.setdefault("name", "sela")
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r}: choose one of {', '.join(METHODS)}")
+    for section, keys in list(tree.items()):
+        if not isinstance(keys, dict):
+            continue
+        for key in list(keys):
+            dotted = f"{section}.{key}"
+            entry = FIXED.get(dotted)
+            if entry is None or (section == "method" and key in BY_NAME[name].model_fields):
+                continue
+            value = keys.pop(key)
+            if value == entry.value:
+                if strict:
+                    warnings.warn(
+                        f"{not_a_key(dotted, name)} (always {entry.value!r}): delete it",
+                        RemovedKeyWarning,
+                        stacklevel=3,
+                    )
+            elif strict or reads(entry, name):  # a saved run that used another value
+                raise ConfigError(fixed_error(dotted, value, entry, name))
+    for key in list(method):
+        owners = key_owners(key)
+        if name in owners or not owners:
+            continue  # its own key, or unknown: pydantic names the allowed keys
+        if not strict or method[key] in _owner_default(key, owners):
+            del method[key]  # at its default it changes nothing (old RUN_DIR/config.yaml)
+            continue
+        fix = " or ".join(f"method.name={m}" for m in owners)
+        names = " and ".join([", ".join(owners[:-1]), owners[-1]] if len(owners) > 1 else owners)
+        raise ConfigError(
+            f"method.{key} is a key of {names} (method.name={name}): remove it or set "
+            f"{fix}{_HINTS.get(key, '')}"
+        )
+    return tree
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        section: type[BaseModel] = RunConfig
+        if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in BY_NAME:
+            section = BY_NAME[loc.pop(1)]  # the union's tag: method.<name>.<key>
+            loc_parts = loc[1:-1]
+        else:
+            loc_parts = loc[:-1]
+        key = ".".join(loc) or "(config)"
+        if e["type"] == "extra_forbidden":
+            for part in loc_parts:
+                ann = section.model_fields[part].annotation
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    section = ann
+            allowed = ", ".join(section.model_fields)
+            lines.append(f"{key}: unknown key (allowed here: {allowed})")
+        else:
+            given = e.get("input")
+            lines.append(f"{key}: {e['msg']} (got {given!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "model.widths=[16,32]"]`` → nested dict; values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(tree: dict[str, Any]) -> RunConfig:
+    """Validate a config a person wrote (strictly, unlike a resolved config read back with
+    ``RunConfig.model_validate``)."""
+    tree = resolve_keys(tree, strict=True)
+    try:
+        return RunConfig.model_validate(tree, context={_USER_KEYS: True})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (None: defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (configs live in configs/*.yaml)")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded)}")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return build_config(tree)
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: {va!r} -> {vb!r}")
+    return out
+
+
+def method_defaults(method: str = "sela") -> RunConfig:
+    """The defaults of every key for ``method.name=method``."""
+    if method not in METHODS:
+        raise ConfigError(f"method.name={method!r}: choose one of {', '.join(METHODS)}")
+    return build_config({"method": {"name": method}})
