@@ -166,7 +166,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from selfclust.config_doc import render
+    from selfclust.config.doc import render
 
     sys.stdout.write(render(args.format, args.method))
     return 0
@@ -269,7 +269,7 @@ def _add_probe(sub: Any) -> None:
 
 def _add_config(sub: Any) -> None:
     from selfclust.config import METHODS
-    from selfclust.config_doc import FORMATS
+    from selfclust.config.doc import FORMATS
 
     c = sub.add_parser(
         "config", help="every config key with its type, default and description (docs/config.md)"
