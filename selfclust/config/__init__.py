@@ -11,18 +11,16 @@ are generated from this schema (:mod:`~selfclust.config.doc`).
 """
 
 from selfclust.config.fixed import FIXED, RemovedKeyWarning
+from selfclust.config.method_base import METHODS, MethodBase, expect
 from selfclust.config.methods import (
     BY_NAME,
-    METHODS,
     DecMethod,
     DepictMethod,
     DggMethod,
-    MethodBase,
     MethodConfig,
     PretrainedConfig,
     PretrainedMethod,
     SelaMethod,
-    expect,
     key_owners,
     method_keys,
 )

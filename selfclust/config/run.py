@@ -19,7 +19,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
 from selfclust.config.fixed import FIXED, RemovedKeyWarning, fixed_error, not_a_key, reads
-from selfclust.config.methods import BY_NAME, METHODS, MethodConfig, SelaMethod, key_owners
+from selfclust.config.method_base import METHODS
+from selfclust.config.methods import BY_NAME, MethodConfig, SelaMethod, key_owners
 from selfclust.config.sections import (
     AugmentConfig,
     CheckpointConfig,

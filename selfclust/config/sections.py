@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 from pydantic.fields import FieldInfo
 
-from selfclust.config.methods import METHODS
+from selfclust.config.method_base import METHODS
 
 
 def _for(*methods: str) -> JsonDict:
