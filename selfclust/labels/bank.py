@@ -18,7 +18,6 @@ class LabelBank:
             raise ValueError(f"bank needs heads >= 1 and samples >= 1, got {heads}, {num_samples}")
         self.clusters = clusters
         self.labels = torch.zeros(heads, num_samples, dtype=torch.int64)
-        self.version = 0  # number of times the whole bank was (re)assigned
 
     @property
     def heads(self) -> int:
@@ -40,7 +39,6 @@ class LabelBank:
             raise ValueError(f"labels must lie in 0..{self.clusters - 1}")
         changed = (new.cpu() != self.labels).float().mean().item()
         self.labels = new.to(torch.int64).cpu().clone()
-        self.version += 1
         return changed
 
     def cluster_sizes(self) -> torch.Tensor:
@@ -49,9 +47,11 @@ class LabelBank:
         return sizes.scatter_add_(1, self.labels, torch.ones_like(self.labels))
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
-        return {"labels": self.labels.clone(), "clusters": self.clusters, "version": self.version}
+        return {"labels": self.labels.clone(), "clusters": self.clusters}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the labels; other keys are ignored (older checkpoints also hold a
+        ``"version"`` count that nothing reads)."""
         labels = state["labels"]
         if labels.shape != self.labels.shape or int(state["clusters"]) != self.clusters:
             raise ValueError(
@@ -60,4 +60,3 @@ class LabelBank:
                 "method.heads/method.clusters differ from the checkpoint's"
             )
         self.labels = labels.clone()
-        self.version = int(state["version"])
