@@ -148,7 +148,7 @@ def solve(
         best = math.inf
         for _ in range(repeat):
             t = time.perf_counter()
-            res = sinkhorn_knopp(z, lam)
+            res = sinkhorn_knopp(z, lam, group=None)
             best = min(best, time.perf_counter() - t)
         return res, best
     finally:
@@ -264,7 +264,7 @@ def cpu_main(args: argparse.Namespace) -> None:
     if args.ranks > 1:
         torch.set_num_threads(1)
         t = time.perf_counter()
-        one = sinkhorn_knopp(z, args.lam)
+        one = sinkhorn_knopp(z, args.lam, group=None)
         t_one = time.perf_counter() - t
         labels, iters, t_many = distributed(z, args.lam, args.ranks)
         same = float((labels == one.labels).double().mean())
@@ -303,11 +303,11 @@ def _memory_rank(rank: int, tmp: str, lam: float, recompute: bool) -> None:
     with torch.no_grad():
         head.weight.copy_(w)
         head.bias.zero_()
-    sinkhorn_knopp(x[:2000] @ w.t(), lam)  # warm-up (numba kernels)
+    sinkhorn_knopp(x[:2000] @ w.t(), lam, group=None)  # warm-up (numba kernels)
     rss0 = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     t = time.perf_counter()
     z = LinearLogits(x, head.weight, head.bias) if recompute else head_logits(head, x)
-    res = sinkhorn_knopp(z, lam)
+    res = sinkhorn_knopp(z, lam, group=None)
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     out = {"labels": res.labels, "iters": res.iterations, "time": dt, "mem": peak - rss0}
@@ -366,11 +366,11 @@ def sets_main(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|")
     for name, lam, make in sets:
         z = make()
-        sinkhorn_knopp(z[: max(2000, 2 * z.shape[1])], lam)  # warm-up (numba kernels)
+        sinkhorn_knopp(z[: max(2000, 2 * z.shape[1])], lam, group=None)  # warm-up (numba kernels)
         best, res = math.inf, None
         for _ in range(args.repeat):
             t = time.perf_counter()
-            res = sinkhorn_knopp(z, lam, check_every=args.check_every)
+            res = sinkhorn_knopp(z, lam, check_every=args.check_every, group=None)
             best = min(best, time.perf_counter() - t)
         assert res is not None
         builds = 1 + res.rebuilds  # the first build and each absorption's
@@ -398,7 +398,7 @@ def gpu_main(args: argparse.Namespace) -> None:
             z = simulated_logits(n, k, args.classes, args.margin, args.seed + h, "cuda")
         torch.cuda.synchronize()
         t = time.perf_counter()
-        results.append(sinkhorn_knopp(z, args.lam, check_every=10))
+        results.append(sinkhorn_knopp(z, args.lam, check_every=10, group=None))
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         total += dt

@@ -1,23 +1,45 @@
 """Thin wrappers over torch.distributed that are no-ops at world size 1.
 
-Every collective in selfclust goes through this module, so algorithms take an optional
-``group`` and never test ``dist.is_initialized()`` themselves. ``group=None`` means "no group":
-the call runs on this process alone, even when a default process group exists. Pass
-:data:`WORLD` to use the default group.
+Every collective in selfclust goes through this module, so algorithms take a ``group``
+(:data:`Group`) and never test ``dist.is_initialized()`` themselves. ``group=None`` means "no
+group": the call runs on this process alone, even when a default process group exists. Pass
+:data:`WORLD` to use the default group (a no-op too while none is initialised), or a
+``dist.ProcessGroup`` (from ``dist.new_group``) for a subgroup.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from typing import Final, TypeAlias
 
 import torch
 import torch.distributed as dist
 
-# Sentinel for "the default process group" (dist.group.WORLD), kept distinct from None.
-WORLD: Any = "world"
+
+class _World(enum.Enum):
+    """The type of :data:`WORLD`: "the default process group" (``dist.group.WORLD``), kept
+    distinct from None (no group) and named before any group exists."""
+
+    WORLD = "world"
 
 
-def _resolve(group: Any) -> Any:
+WORLD: Final = _World.WORLD
+# What every collective takes: a process group, the default one (WORLD), or none.
+Group: TypeAlias = dist.ProcessGroup | _World | None
+
+__all__ = [
+    "WORLD",
+    "Group",
+    "rank",
+    "world_size",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "all_gather_cat",
+    "broadcast",
+]
+
+
+def _resolve(group: Group) -> dist.ProcessGroup | None:
     if group is None:
         return None
     if not dist.is_available() or not dist.is_initialized():
@@ -25,17 +47,17 @@ def _resolve(group: Any) -> Any:
     return dist.group.WORLD if group is WORLD else group
 
 
-def rank(group: Any = WORLD) -> int:
+def rank(group: Group = WORLD) -> int:
     g = _resolve(group)
     return 0 if g is None else dist.get_rank(g)
 
 
-def world_size(group: Any = WORLD) -> int:
+def world_size(group: Group = WORLD) -> int:
     g = _resolve(group)
     return 1 if g is None else dist.get_world_size(g)
 
 
-def all_reduce_sum(t: torch.Tensor, group: Any = WORLD) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, group: Group = WORLD) -> torch.Tensor:
     """Sum ``t`` over the group in place and return it."""
     g = _resolve(group)
     if g is not None and dist.get_world_size(g) > 1:
@@ -43,14 +65,14 @@ def all_reduce_sum(t: torch.Tensor, group: Any = WORLD) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor, group: Any = WORLD) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group: Group = WORLD) -> torch.Tensor:
     g = _resolve(group)
     if g is not None and dist.get_world_size(g) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
     return t
 
 
-def all_gather_cat(t: torch.Tensor, group: Any = WORLD) -> torch.Tensor:
+def all_gather_cat(t: torch.Tensor, group: Group = WORLD) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of every rank, in rank order.
 
     Ranks may hold different numbers of rows: sizes are exchanged first and the rows padded
@@ -72,7 +94,7 @@ def all_gather_cat(t: torch.Tensor, group: Any = WORLD) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
 
 
-def broadcast(t: torch.Tensor, src: int = 0, group: Any = WORLD) -> torch.Tensor:
+def broadcast(t: torch.Tensor, src: int = 0, group: Group = WORLD) -> torch.Tensor:
     """Broadcast ``t`` from group rank ``src`` in place and return it."""
     g = _resolve(group)
     if g is not None and dist.get_world_size(g) > 1:

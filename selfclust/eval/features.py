@@ -13,7 +13,6 @@ same evaluation samples on every rank and at every world size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +50,11 @@ def extract(
     batch_size: int = 256,
     device: torch.device | None = None,
     loader_workers: int = 0,
-    group: Any = C.WORLD,
+    group: C.Group,
 ) -> Features:
     """Stage features of this rank's shards: ``views`` embeddings per sample (0 = clean).
-    Checks with one all-reduce that the ranks together saw every sample once."""
+    Collective over ``group``: checks with one all-reduce that its ranks together saw every
+    sample once."""
     device = device or torch.device("cpu")
     model.eval()
     rank, ws = C.rank(group), C.world_size(group)
@@ -96,13 +96,14 @@ def _dummy(model: SelfLabelNet, shards: ShardSet, size: int | None) -> torch.Ten
 
 
 def stratified_split(
-    idx: torch.Tensor, cls: torch.Tensor, fraction: float, seed: int
+    idx: torch.Tensor, cls: torch.Tensor, fraction: float, seed: int, group: C.Group
 ) -> torch.Tensor:
-    """Boolean mask over ``idx``: True for the evaluation part. Computed from the gathered
-    ``(idx, class)`` pairs, so every rank and every world size picks the same samples."""
+    """Boolean mask over ``idx``: True for the evaluation part. Collective over ``group``:
+    computed from the gathered ``(idx, class)`` pairs, so every rank and every world size picks
+    the same samples."""
     from sklearn.model_selection import train_test_split
 
-    rows = C.all_gather_cat(torch.stack([idx, cls], 1))
+    rows = C.all_gather_cat(torch.stack([idx, cls], 1), group)
     order = torch.argsort(rows[:, 0])
     all_idx, all_cls = rows[order, 0].numpy(), rows[order, 1].numpy()
     _, test = train_test_split(all_idx, test_size=fraction, stratify=all_cls, random_state=seed)

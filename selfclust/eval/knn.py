@@ -12,8 +12,6 @@ features. At world size 1 it is a plain faiss search.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -44,13 +42,13 @@ def knn_votes(
     k: int,
     temperature: float,
     num_classes: int,
-    group: Any = C.WORLD,
+    group: C.Group,
 ) -> torch.Tensor:
     """Class votes ``[n_q_total, num_classes]`` for the queries of all ranks, in rank order.
 
     ``train``: this rank's ``[n_r, D]`` features, ``train_labels`` ``[n_r]``; ``queries``: this
-    rank's ``[m_r, D]``. Features are L2-normalised here. Collective: two all-gathers of the
-    queries and of ``[n_q, k]`` (similarity, label) pairs per rank.
+    rank's ``[m_r, D]``. Features are L2-normalised here. Collective over ``group``: two
+    all-gathers, of the queries and of ``[n_q, k]`` (similarity, label) pairs per rank.
     """
     if k < 1 or temperature <= 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, T={temperature}")
@@ -92,10 +90,11 @@ def knn_accuracy(
     num_classes: int,
     ks: tuple[int, ...] = (20, 200),
     temperature: float = 0.07,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
 ) -> dict[str, dict[str, float]]:
     """Top-1/top-5 of the weighted k-NN classifier for each k, e.g. ``{"k20": {...}}``.
-    k larger than the training set is capped at its size."""
+    k larger than the training set is capped at its size. Collective over ``group``."""
     n_train = int(C.all_reduce_sum(torch.tensor([train.shape[0]]), group))
     y = C.all_gather_cat(query_labels.cpu().long(), group)
     out = {}

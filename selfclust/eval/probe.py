@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +56,7 @@ def _lr(cfg: ProbeConfig, step: int, total: int) -> float:
 
 
 def _clean_view_norm(
-    train: Features, n: int, group: Any
+    train: Features, n: int, group: C.Group
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per stage, the mean and std [C] of the clean view over all ``n`` training rows: sums of
     x and x² in float64, one all-reduce of [2, C] per stage."""
@@ -72,9 +71,10 @@ def _clean_view_norm(
 
 
 def train_linear(
-    train: Features, num_classes: int, cfg: ProbeConfig, group: Any = C.WORLD
+    train: Features, num_classes: int, cfg: ProbeConfig, group: C.Group
 ) -> dict[str, tuple[nn.Linear, torch.Tensor, torch.Tensor]]:
-    """One linear classifier per stage: ``name → (linear, mean, std)``; identical on all ranks."""
+    """One linear classifier per stage: ``name → (linear, mean, std)``; identical on all ranks.
+    Collective over ``group`` (one all-reduce of every head's gradients per step)."""
     # Global position of each local row among all training rows (sorted by idx).
     all_idx = torch.sort(C.all_gather_cat(train.idx, group)).values
     n = len(all_idx)
@@ -126,9 +126,10 @@ def train_linear(
 def score_linear(
     heads: dict[str, tuple[nn.Linear, torch.Tensor, torch.Tensor]],
     test: Features,
-    group: Any = C.WORLD,
+    group: C.Group,
 ) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 per stage on the clean view; hit counts all-reduced over ranks."""
+    """Top-1/top-5 per stage on the clean view; hit counts all-reduced over the ranks of
+    ``group`` (a collective)."""
     out = {}
     for name, (lin, mean, std) in heads.items():
         z = lin((test.stages[name][0] - mean) / std)

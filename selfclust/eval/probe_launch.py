@@ -111,7 +111,9 @@ def _probe_here(
     train = ShardSet.open(data or run_cfg.data.train, run_cfg.data.io_timeout_s)
     ev = ShardSet.open(eval_data, run_cfg.data.io_timeout_s) if eval_data else None
     size = image_size or run_cfg.data.image_size
-    result = probe_model(model.to(device), train, ev, cfg, image_size=size, device=device)
+    result = probe_model(
+        model.to(device), train, ev, cfg, image_size=size, device=device, group=C.WORLD
+    )
     result.update(checkpoint=str(Path(ckpt).resolve()), data=train.root, image_size=size)
     result["eval_data"] = ev.root if ev else None
     result["world_size"] = C.world_size()

@@ -30,9 +30,10 @@ from selfclust.models.selflabel import SelfLabelNet
 
 
 def probe_features(
-    train: Features, test: Features, num_classes: int, cfg: ProbeConfig, group: Any = C.WORLD
+    train: Features, test: Features, num_classes: int, cfg: ProbeConfig, group: C.Group
 ) -> dict[str, Any]:
-    """Linear probes per stage and k-NN on the final pool, from already extracted features."""
+    """Linear probes per stage and k-NN on the final pool, from already extracted features.
+    Collective over ``group``."""
     heads = train_linear(train, num_classes, cfg, group)
     knn = knn_accuracy(
         train.stages["pool"][0],
@@ -63,9 +64,10 @@ def probe_model(
     image_size: int | None,
     batch_size: int = 256,
     device: torch.device | None = None,
-    group: Any = C.WORLD,
+    group: C.Group,
 ) -> dict[str, Any]:
-    """Extract features (per rank), split if needed, train and score the probes and k-NN."""
+    """Extract features (per rank), split if needed, train and score the probes and k-NN.
+    Collective over ``group``."""
     aug = AugmentConfig(
         crop_scale=(cfg.crop_scale, 1.0),
         rotation=0,
@@ -86,7 +88,7 @@ def probe_model(
         test = extract(model, eval_data, views=1, **kw)  # type: ignore[arg-type]
         split = f"train: {data.root}; evaluation: {eval_data.root}"
     else:
-        is_test = stratified_split(train.idx, train.cls, cfg.eval_fraction, cfg.seed)
+        is_test = stratified_split(train.idx, train.cls, cfg.eval_fraction, cfg.seed, group)
         train, test = train.rows(~is_test), train.rows(is_test, views=1)
         split = (
             f"no evaluation shards given: fixed stratified split of {data.root}, "

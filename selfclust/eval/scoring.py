@@ -50,9 +50,9 @@ def score_model(
     )
     if isinstance(model, ClusterNet):  # DEC/DEPICT/DGG: embedded exactly as in training
         emb = embed(model.features, batches, device, image_size, shards.num_samples,
-                    transform=model.inputs)  # fmt: skip
+                    group=C.WORLD, transform=model.inputs)  # fmt: skip
     else:
-        emb = embed(model.backbone, batches, device, image_size, shards.num_samples)
+        emb = embed(model.backbone, batches, device, image_size, shards.num_samples, group=C.WORLD)
     pred = predictions(model.heads, emb)  # [T, n_r]
     rows = C.all_gather_cat(torch.cat([emb.idx[:, None], emb.cls[:, None], pred.t()], 1))
     rows = rows[torch.argsort(rows[:, 0])]

@@ -256,12 +256,17 @@ def global_sample(num_samples: int, samples: int, seed: int) -> tuple[torch.Tens
 
 
 def sample_pool(
-    features: torch.Tensor, idx: torch.Tensor, num_samples: int, samples: int, seed: int, group: Any
+    features: torch.Tensor,
+    idx: torch.Tensor,
+    num_samples: int,
+    samples: int,
+    seed: int,
+    group: C.Group,
 ) -> torch.Tensor:
     """Rows of a seeded global sample of ``min(samples, N)`` indices, sorted by idx.
 
-    Each rank sends only its rows of the sample (about ``samples · n_r / N``); the result is
-    the same on every rank and for every number of ranks.
+    Collective over ``group``: each rank sends only its rows of the sample (about
+    ``samples · n_r / N``); the result is the same on every rank and for every number of ranks.
     """
     mine = global_sample(num_samples, samples, seed)[0][idx]
     pool_idx = C.all_gather_cat(idx[mine], group)  # int64: exact at any N
@@ -276,12 +281,13 @@ def distributed_centroids(
     seed: int,
     niter: int,
     device: torch.device,
-    group: Any,
+    group: C.Group,
     seeding: Seeding = "random",
     tol: float = 0.0,
 ) -> torch.Tensor:
     """``runs`` k-means solutions ``[runs, k, D]`` (seeds seed..seed+runs−1) computed on rank
-    0 (on ``device``: GPU when there is one) and broadcast to every rank of the group.
+    0 (on ``device``: GPU when there is one) and broadcast to every rank of ``group`` (a
+    collective).
     ``niter``, ``seeding``, ``tol``: as :func:`kmeans`."""
     if len(pool) < k:
         raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import nn
@@ -38,14 +38,15 @@ def embed(
     device: torch.device,
     size: int | None,
     num_samples: int,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     transform: Callable[[torch.Tensor, int | None], torch.Tensor] = normalize,
 ) -> Embedded:
     """Pooled features of every sample this rank reads (``transform`` turns the uint8 images
     into the network's input: standardised by default, [0, 1] pixels for DEC/DEPICT/DGG).
 
-    Checks, over all ranks, that the samples seen plus those the reader skipped as bad data
-    (``batches.stats``, when it has one) equal N.
+    Collective over ``group``: checks, with one all-reduce over its ranks, that the samples
+    seen plus those the reader skipped as bad data (``batches.stats``, when it has one) equal N.
     """
     module = backbone if isinstance(backbone, nn.Module) else None
     was_training = module.training if module is not None else False
@@ -115,10 +116,12 @@ def sinkhorn_labels(
     lam: float,
     tol: float,
     max_iters: int,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     recompute: bool = False,
 ) -> tuple[torch.Tensor, RelabelStats]:
     """Labels ``[T, n_r]`` for this rank's rows; one head's logits block alive at a time.
+    Collective over ``group`` (one distributed Sinkhorn-Knopp per head).
 
     Peak memory per rank: the features plus two ``[n_r, K]`` float32 blocks (the head's
     logits and Sinkhorn's kernel, which rebuilds from the logits when it re-stabilises), or
@@ -148,11 +151,13 @@ def gather_bank(
     local_labels: torch.Tensor,
     idx: torch.Tensor,
     num_samples: int,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     skipped: int = 0,
     fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scatter every rank's ``[T, n_r]`` labels into a full ``[T, N]`` bank on every rank.
+    Collective over ``group`` (one all-gather of ``[n_r, 1 + T]`` integers).
 
     ``skipped`` samples (bad data, counted by the label pass) may be absent; their columns
     keep ``fill``'s labels (the current bank): they are never trained on anyway.
@@ -190,14 +195,16 @@ def kmeans_labels(
     seed: int,
     num_samples: int,
     l2_normalize: bool = True,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     init_heads: nn.ModuleList | None = None,
     niter: int = LLOYD_ITERS,
     seeding: Seeding = "random",
     tol: float = 0.0,
 ) -> torch.Tensor:
     """Initial labels ``[T, n_r]`` by k-means (one run per head, seeds seed..seed+T−1;
-    ``niter``, ``seeding``, ``tol`` as :func:`selfclust.labels.kmeans.kmeans`).
+    ``niter``, ``seeding``, ``tol`` as :func:`selfclust.labels.kmeans.kmeans`). Collective
+    over ``group``.
 
     The sample is chosen by global index (a seeded permutation of 0..N-1, first ``samples``),
     so it is the same whatever the number of ranks; each rank sends only its part of it

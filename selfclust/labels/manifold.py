@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -185,12 +185,14 @@ def manifold_labels(
     candidates: int = 1,
     l2_normalize: bool = True,
     align_to: torch.Tensor | None = None,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     select: Select = "silhouette",
 ) -> torch.Tensor:
     """Labels ``[T, n_r]`` for this rank's rows (``features`` [n_r, D], global ``idx``): one
     UMAP + GMM partition of the global sample per head (seeds seed..seed+T−1), computed on
-    rank 0 and broadcast; rows outside the sample are labelled by k-NN vote.
+    rank 0 and broadcast; rows outside the sample are labelled by k-NN vote. Collective over
+    ``group``.
 
     The result is the same on any number of ranks: the sample is chosen by global index and
     sorted by it, and rank 0 sees the same pool either way. With ``align_to`` (the current
@@ -205,7 +207,7 @@ def manifold_labels(
     pool = sample_pool(f, idx, num_samples, samples, seed, group)
     old = None if align_to is None else align_to[:, global_sample(num_samples, samples, seed)[1]]
     labels = pool_labels(pool, heads, clusters, seed, neighbors, dim, restarts, candidates, old,
-                         group, select)  # fmt: skip
+                         group=group, select=select)  # fmt: skip
     return extend_labels(f, idx, pool, labels, num_samples, samples, seed, clusters,
                          normalized=l2_normalize)  # fmt: skip
 
@@ -220,12 +222,14 @@ def pool_labels(
     restarts: int = 3,
     candidates: int = 1,
     align_to: torch.Tensor | None = None,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     select: Select = "silhouette",
 ) -> torch.Tensor:
     """Labels ``[T, P]`` of the global sample ``pool`` (the same on every rank): one UMAP +
-    GMM partition per head (seeds seed..seed+T−1) on rank 0, broadcast. ``align_to``
-    ``[T, P]``: the pool's current labels, whose ids the new ones are matched to."""
+    GMM partition per head (seeds seed..seed+T−1) on rank 0, broadcast over ``group`` (a
+    collective). ``align_to`` ``[T, P]``: the pool's current labels, whose ids the new ones are
+    matched to."""
     labels = torch.zeros(heads, len(pool), dtype=torch.int64)
     if C.rank(group) == 0:
         x = np.ascontiguousarray(pool.cpu().numpy())

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from selfclust.collectives import all_reduce_sum
+from selfclust.collectives import Group, all_reduce_sum
 from selfclust.labels.sinkhorn_kernels import (
     _build_blocks,
     _exact_log_alpha,
@@ -81,7 +80,9 @@ def _check_args(
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
-def _global_row_stats(logits: torch.Tensor | LinearLogits, group: Any) -> tuple[torch.Tensor, int]:
+def _global_row_stats(
+    logits: torch.Tensor | LinearLogits, group: Group
+) -> tuple[torch.Tensor, int]:
     """(z_max [n] float32, this rank's row maxima; N, the rows over all ranks).
 
     One all-reduce gives N and the number of non-finite rows, so all ranks raise together.
@@ -121,7 +122,7 @@ class _Kernel:
         logits: torch.Tensor | LinearLogits,
         z_max: torch.Tensor,
         lam: float,
-        group: Any,
+        group: Group,
         threads: int,
         n_total: int,
         sc: _Scalings,
@@ -162,10 +163,12 @@ def sinkhorn_knopp(
     lam: float,
     tol: float = 1e-3,
     max_iters: int = 1000,
-    group: Any = None,
+    *,
+    group: Group,
     check_every: int = 1,
 ) -> SinkhornResult:
-    """Equal-size pseudo-labels by entropy-regularised optimal transport (SeLa).
+    """Equal-size pseudo-labels by entropy-regularised optimal transport (SeLa); collective
+    over ``group``.
 
     Args:
         logits: [n, K] this rank's rows (any float dtype, CPU or CUDA); not modified. Or a

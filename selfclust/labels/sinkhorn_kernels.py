@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from selfclust.collectives import all_reduce_max, all_reduce_sum
+from selfclust.collectives import Group, all_reduce_max, all_reduce_sum
 from selfclust.labels.sinkhorn_logits import LinearLogits, _blocks
 from selfclust.threads import keep_torch_threads
 
@@ -187,7 +187,7 @@ def _exact_log_alpha(
     m: torch.Tensor,
     b: torch.Tensor,
     buf: torch.Tensor,
-    group: Any,
+    group: Group,
     threads: int = 0,
 ) -> torch.Tensor:
     """Column update in the log domain, immune to underflow; ``buf`` ([n, K]) is scratch.
@@ -226,7 +226,7 @@ def _exact_log_alpha_numba(
     log_alpha0: torch.Tensor,
     m: torch.Tensor,
     b: torch.Tensor,
-    group: Any,
+    group: Group,
     threads: int,
 ) -> torch.Tensor:
     """:func:`_exact_log_alpha` by two fused numba passes over the logits (float32/float64

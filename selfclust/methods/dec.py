@@ -47,8 +47,9 @@ def student_t_log_q(z: torch.Tensor, mu: torch.Tensor, alpha: float = 1.0) -> to
     return log_kernel - torch.logsumexp(log_kernel, dim=1, keepdim=True)
 
 
-def soft_frequencies(q: torch.Tensor, group: Any = C.WORLD) -> torch.Tensor:
-    """``f_j = Σ_i q_ij`` over the rows of every rank: ``[K]`` float64, one all-reduce."""
+def soft_frequencies(q: torch.Tensor, group: C.Group) -> torch.Tensor:
+    """``f_j = Σ_i q_ij`` over the rows of every rank of ``group``: ``[K]`` float64; a
+    collective (one all-reduce)."""
     return C.all_reduce_sum(q.detach().double().sum(0), group)
 
 
@@ -136,12 +137,14 @@ def best_centroids(
     restarts: int,
     seed: int,
     niter: int = LLOYD_ITERS,
-    group: Any = C.WORLD,
+    *,
+    group: C.Group,
     seeding: Seeding = "random",
     tol: float = 0.0,
 ) -> torch.Tensor:
     """The best of ``restarts`` k-means runs on ``pool`` (the same on every rank) by objective:
-    ``[K, d]``. Rank 0 runs faiss and broadcasts the runs; every rank scores them."""
+    ``[K, d]``. Collective over ``group``: rank 0 runs faiss and broadcasts the runs; every
+    rank scores them."""
     runs = distributed_centroids(
         pool, restarts, clusters, seed, niter, pool.device, group, seeding=seeding, tol=tol
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from selfclust import collectives as C
 from selfclust.config import DecMethod, RunConfig
 from selfclust.labels.label_pass import Embedded
 from selfclust.methods import dec
@@ -61,7 +62,7 @@ class DECRunner(MethodRunner[DecMethod]):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         with torch.no_grad():
             log_q = self.model.scores(emb.features.float())
-        self.f = dec.soft_frequencies(log_q.exp()).cpu()
+        self.f = dec.soft_frequencies(log_q.exp(), C.WORLD).cpu()
         self._snapshot()
         share = self.f / self.f.sum()
         record = {"f_min": float(share.min()), "f_max": float(share.max())}

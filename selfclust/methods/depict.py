@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +151,9 @@ class DEPICTNet(nn.Module):
         return self.head(self.ae.encode(x, noisy=False)[-1])
 
 
-def column_sums(p: torch.Tensor, group: Any = C.WORLD) -> torch.Tensor:
-    """``Σ_i p_ik`` over the rows of every rank: ``[K]`` float64, one all-reduce."""
+def column_sums(p: torch.Tensor, group: C.Group) -> torch.Tensor:
+    """``Σ_i p_ik`` over the rows of every rank of ``group``: ``[K]`` float64; a collective
+    (one all-reduce)."""
     return C.all_reduce_sum(p.detach().double().sum(0), group)
 
 

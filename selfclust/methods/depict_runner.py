@@ -68,14 +68,14 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
     def _stats(self, emb: Embedded) -> torch.Tensor:
         with torch.no_grad():
             p = torch.softmax(self.model.scores(emb.features.float()), 1)
-        self.s = depict.column_sums(p).cpu()
+        self.s = depict.column_sums(p, C.WORLD).cpu()
         self._snapshot()
         return p
 
     def initialise(self, emb: Embedded) -> tuple[torch.Tensor, dict[str, Any]]:
         mu, pool, pool_labels, own = self._partition(emb)
         ce = fit_head(self._net(self.model).head, pool, pool_labels, self.m.head_fit_steps,
-                      centroids=mu)  # fmt: skip
+                      centroids=mu, group=C.WORLD)  # fmt: skip
         self._stats(emb)
         self.hard = True
         return own[None], {"head_fit_ce": ce}
@@ -100,7 +100,9 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
         with torch.no_grad():
             current = self.model.scores(pool).argmax(1).cpu()
         seed, k = manifold_seed, m.clusters
-        labels = pool_labels(pool, 1, k, seed, m.manifold_neighbors, align_to=current[None])
+        labels = pool_labels(
+            pool, 1, k, seed, m.manifold_neighbors, align_to=current[None], group=C.WORLD
+        )
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, seed, k)[0]
         self.hard = True
         agree = float((labels[0] == current).double().mean())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +100,9 @@ class GaussianMixturePrior(nn.Module):
         return F.softmax(self.log_pi()[None] + log_n, dim=1)
 
 
-def gmm_statistics(z: torch.Tensor, gamma: torch.Tensor, group: Any = C.WORLD) -> torch.Tensor:
-    """``[K, 1 + 2M]`` float64: ``Σ_i γ_ic``, ``Σ_i γ_ic z_i``, ``Σ_i γ_ic z_i²`` over every rank.
+def gmm_statistics(z: torch.Tensor, gamma: torch.Tensor, group: C.Group) -> torch.Tensor:
+    """``[K, 1 + 2M]`` float64: ``Σ_i γ_ic``, ``Σ_i γ_ic z_i``, ``Σ_i γ_ic z_i²`` over every rank
+    of ``group`` (a collective).
 
     ``gamma`` may be soft responsibilities or one-hot k-means labels (the paper's
     initialisation). One all-reduce; the result is the same for any split of the rows.

@@ -51,7 +51,7 @@ class DGGRunner(MethodRunner[DggMethod]):
         log_gamma = F.log_softmax(out.posterior_logits.float(), 1)
         b, k = len(idx), self.m.knn_k
         nb, found = graph.fetch_rows(self.neighbours[idx.cpu()].flatten(), self.owned_idx,
-                                     self.owned_rows)  # fmt: skip
+                                     self.owned_rows, C.WORLD)  # fmt: skip
         w = (self.weights[idx.cpu()] * found.view(b, k).float()).to(x.device)
         elbo = dgg.neg_elbo(x, out, log_gamma, model.prior).mean() / x[0].numel()
         g = graph.graph_loss(log_gamma.exp(), nb.view(b, k, -1).to(x.device), w)
@@ -75,9 +75,10 @@ class DGGRunner(MethodRunner[DggMethod]):
         model = self._model(self.model)
         _, pool, pool_labels, own = self._partition(emb)
         z = emb.features.float()
-        model.prior.load_statistics(dgg.gmm_statistics(z, F.one_hot(own, m.clusters).to(z)))
-        ce = fit_head(model.net.classifier, pool, pool_labels, m.head_fit_steps)
-        knn = graph.knn_graph(z, emb.idx, m.knn_k)
+        gamma = F.one_hot(own, m.clusters).to(z)
+        model.prior.load_statistics(dgg.gmm_statistics(z, gamma, C.WORLD))
+        ce = fit_head(model.net.classifier, pool, pool_labels, m.head_fit_steps, group=C.WORLD)
+        knn = graph.knn_graph(z, emb.idx, m.knn_k, C.WORLD)
         w = graph.similarity_weights(knn.sq_distances)
         # The table goes to every rank like the label bank: N × k, never N × K.
         rows = C.all_gather_cat(torch.cat([emb.idx[:, None].cpu(), knn.neighbours], 1))

@@ -23,7 +23,6 @@ depend on the worker count; an ``all_to_all`` would cut the traffic to ``B·k·K
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,11 +45,11 @@ def _search(block: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.T
     return torch.from_numpy(d), torch.from_numpy(i)
 
 
-def knn_graph(features: torch.Tensor, idx: torch.Tensor, k: int, group: Any = C.WORLD) -> KNNGraph:
+def knn_graph(features: torch.Tensor, idx: torch.Tensor, k: int, group: C.Group) -> KNNGraph:
     """Exact k nearest neighbours (self excluded) of this rank's rows among all ranks' rows.
 
-    Collective: one all-gather of the row counts, then one broadcast per rank of its
-    ``[n_r, D]`` features and ``[n_r]`` indices.
+    Collective over ``group``: one all-gather of the row counts, then one broadcast per rank
+    of its ``[n_r, D]`` features and ``[n_r]`` indices.
     """
     x = features.detach().float().cpu()
     idx = idx.cpu().long()
@@ -94,13 +93,14 @@ def similarity_weights(sq_distances: torch.Tensor, sigma_rank: int | None = None
 
 
 def fetch_rows(
-    needed: torch.Tensor, owned_idx: torch.Tensor, owned_rows: torch.Tensor, group: Any = C.WORLD
+    needed: torch.Tensor, owned_idx: torch.Tensor, owned_rows: torch.Tensor, group: C.Group
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[m, K]`` of the global samples ``needed`` [m], wherever they live.
 
     ``owned_idx`` [n_r] (sorted ascending) and ``owned_rows`` [n_r, K] are what this rank
     holds. Returns the rows and a ``found`` mask [m] (False for samples no rank holds, e.g.
-    skipped as bad data; their rows are 0). Collective: every rank calls it equally often.
+    skipped as bad data; their rows are 0). Collective over ``group``: every rank calls it
+    equally often.
     """
     if owned_idx.numel() > 1 and bool((owned_idx[1:] <= owned_idx[:-1]).any()):
         raise ValueError("owned_idx must be sorted and unique (sort the refresh rows by idx)")

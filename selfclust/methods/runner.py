@@ -48,10 +48,12 @@ def fit_head(
     labels: torch.Tensor,
     steps: int,
     centroids: torch.Tensor | None = None,
+    *,
+    group: C.Group,
 ) -> float:
     """Fit a softmax head to k-means labels (full-batch Adam on the global pool, identical on
-    every rank); rank 0's result is broadcast so all ranks hold the same bits. Returns the
-    final cross-entropy.
+    every rank); rank 0's result is broadcast over ``group`` (a collective) so all ranks hold
+    the same bits. Returns the final cross-entropy.
 
     With ``centroids`` (a linear head) the head starts as ``softmax(−‖z − c_k‖² / τ)``, τ the
     mean squared distance of the pool to its nearest centroid: its argmax is the k-means
@@ -74,7 +76,7 @@ def fit_head(
                 opt.step()
     with torch.no_grad():
         for p in head.parameters():
-            C.broadcast(p.data, 0)
+            C.broadcast(p.data, 0, group)
     return float(loss.detach())
 
 
@@ -139,7 +141,7 @@ class MethodRunner(Method, Generic[M]):
     def embed(self, batches: Batches, num_samples: int, initial: bool) -> Embedded:
         """The method's embedding of its own input pixels."""
         return embed(self.model.features, batches, self.device, self.size, num_samples,
-                     transform=self.model.inputs)  # fmt: skip
+                     group=C.WORLD, transform=self.model.inputs)  # fmt: skip
 
     def first_labels(self, emb: Embedded, bank: LabelBank) -> LabelUpdate:
         local, extra = self.initialise(emb)
@@ -158,7 +160,7 @@ class MethodRunner(Method, Generic[M]):
     def rebuild(self, batches: Batches, num_samples: int) -> None:
         # per-rank state is not checkpointed: rebuilt from the saved teacher
         self.resume(embed(self.teacher.features, batches, self.device, self.size, num_samples,
-                          transform=self.model.inputs))  # fmt: skip
+                          group=C.WORLD, transform=self.model.inputs))  # fmt: skip
 
     # ------------------------------------------------------------------ phases
     def pretrain_loss(self, x: torch.Tensor) -> Losses:
@@ -191,10 +193,12 @@ class MethodRunner(Method, Generic[M]):
         f = emb.features.float()
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, self.cfg.seed, C.WORLD)
         if m.cluster_init == "kmeans":
-            mu = dec.best_centroids(pool, m.clusters, m.kmeans_restarts, self.cfg.seed)
+            mu = dec.best_centroids(
+                pool, m.clusters, m.kmeans_restarts, self.cfg.seed, group=C.WORLD
+            )
             return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
         labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
-                             candidates=m.manifold_init_candidates)  # fmt: skip
+                             candidates=m.manifold_init_candidates, group=C.WORLD)  # fmt: skip
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, self.cfg.seed,
                             m.clusters)[0]  # fmt: skip
         sums = torch.zeros(m.clusters, f.shape[1], dtype=torch.float64)

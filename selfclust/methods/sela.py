@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfclust import collectives as C
 from selfclust.config import RunConfig, SelaMethod, expect
 from selfclust.data.augment import augment, normalize
 from selfclust.data.streams import Batches
@@ -94,9 +95,11 @@ class SeLa(Method):
     def embed(self, batches: Batches, num_samples: int, initial: bool) -> Embedded:
         if self._pixels(initial):
             fn = thumbnails(THUMBNAIL_SIDE)
-            return embed(fn, batches, self.device, self.size, num_samples)
+            return embed(fn, batches, self.device, self.size, num_samples, group=C.WORLD)
         with self.precision.autocast(self.device):
-            return embed(self.model.backbone, batches, self.device, self.size, num_samples)
+            return embed(
+                self.model.backbone, batches, self.device, self.size, num_samples, group=C.WORLD
+            )
 
     def first_bank(self) -> torch.Tensor | None:
         m = self.m
@@ -117,6 +120,7 @@ class SeLa(Method):
             self.cfg.seed,
             self.n,
             l2_normalize=not pixels,
+            group=C.WORLD,
         )
         return local, {"event": f"init_{m.init}"}
 
@@ -133,6 +137,7 @@ class SeLa(Method):
             m.lam,
             SINKHORN_TOL,
             SINKHORN_MAX_ITERS,
+            group=C.WORLD,
             recompute=m.sinkhorn_logits == "recomputed",
         )
         record = {
@@ -158,4 +163,5 @@ class SeLa(Method):
             candidates=m.manifold_init_candidates if initial else 1,
             l2_normalize=not pixels,
             align_to=None if initial else bank.labels,
+            group=C.WORLD,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
+from selfclust import collectives as C
 from selfclust.labels.bank import LabelBank
 from selfclust.labels.label_pass import gather_bank
 from selfclust.methods.base import Method
@@ -61,7 +62,9 @@ class LabelUpdates:
             manifold = self.manifold_at(step)
             local, update = self.method.update_labels(emb, self.bank, step, manifold)
         record: dict[str, Any] = {"step": step, "epoch": epoch, **update}
-        new = gather_bank(local, emb.idx, n, skipped=emb.skipped, fill=self.bank.labels)
+        new = gather_bank(
+            local, emb.idx, n, group=C.WORLD, skipped=emb.skipped, fill=self.bank.labels
+        )
         if emb.skipped:
             record["data_skipped"] = emb.skipped
         record["label_change"] = self.bank.assign(new)

@@ -270,12 +270,13 @@ def test_worker_with_only_unreadable_shards_fails_instead_of_looping(clean, tmp_
 def _embed_rank(rank: int, world: int, spec: str, claimed: int) -> list[int] | str:
     """The trainer's label pass (``labelling.embed``) on gloo ranks, told the set holds
     ``claimed`` samples: (rows read here, skipped over all ranks), or the error it raised."""
+    from selfclust.collectives import WORLD
     from selfclust.labels.label_pass import embed
 
     it = eval_batches(ShardSet.open(spec), rank, world, 64)
     try:
         e = embed(lambda x: x.flatten(1).mean(1, keepdim=True), it, torch.device("cpu"), None,
-                  claimed)  # fmt: skip
+                  claimed, group=WORLD)  # fmt: skip
     except RuntimeError as err:
         return str(err)
     return [len(e.idx), e.skipped]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfclust.collectives import WORLD
 from selfclust.eval.knn import knn_accuracy, knn_votes, topk_accuracy
 from tests.helpers.spawn import run_ranks
 
@@ -37,7 +38,9 @@ def data(seed=0, n=300, m=80, d=12, classes=5):
 @pytest.mark.parametrize("k", [1, 20, 200])
 def test_votes_match_brute_force(k):
     tr, ytr, q, _ = data()
-    got = knn_votes(torch.from_numpy(tr), torch.from_numpy(ytr), torch.from_numpy(q), k, 0.07, 5)
+    got = knn_votes(
+        torch.from_numpy(tr), torch.from_numpy(ytr), torch.from_numpy(q), k, 0.07, 5, group=WORLD
+    )
     want = brute_votes(tr, ytr, q, k, 0.07, 5)
     # relative: weights exp(sim / 0.07) span many orders of magnitude
     np.testing.assert_allclose(got.numpy(), want, rtol=2e-4)
@@ -55,9 +58,9 @@ def test_topk_accuracy_hand_checked():
 def test_errors_are_clear():
     x = torch.randn(5, 3)
     with pytest.raises(ValueError, match="exceeds the 5 training"):
-        knn_votes(x, torch.zeros(5, dtype=torch.int64), x, 6, 0.07, 2)
+        knn_votes(x, torch.zeros(5, dtype=torch.int64), x, 6, 0.07, 2, group=WORLD)
     with pytest.raises(ValueError, match="temperature"):
-        knn_votes(x, torch.zeros(5, dtype=torch.int64), x, 2, 0.0, 2)
+        knn_votes(x, torch.zeros(5, dtype=torch.int64), x, 2, 0.0, 2, group=WORLD)
 
 
 def _ranks(rank, world, tr, ytr, q, yq):
@@ -70,16 +73,16 @@ def _ranks(rank, world, tr, ytr, q, yq):
         torch.from_numpy(ytr[mine_t]),
         torch.from_numpy(q[mine_q]),
     )
-    votes = knn_votes(*args, 20, 0.07, 5)
-    acc = knn_accuracy(*args, torch.from_numpy(yq[mine_q]), 5, ks=(20, 200))
+    votes = knn_votes(*args, 20, 0.07, 5, group=WORLD)
+    acc = knn_accuracy(*args, torch.from_numpy(yq[mine_q]), 5, ks=(20, 200), group=WORLD)
     return votes, acc
 
 
 def test_two_ranks_equal_one(tmp_path: Path):
     tr, ytr, q, yq = data(1)
     t = torch.from_numpy
-    single = knn_votes(t(tr), t(ytr), t(q), 20, 0.07, 5)
-    acc1 = knn_accuracy(t(tr), t(ytr), t(q), t(yq), 5, ks=(20, 200))
+    single = knn_votes(t(tr), t(ytr), t(q), 20, 0.07, 5, group=WORLD)
+    acc1 = knn_accuracy(t(tr), t(ytr), t(q), t(yq), 5, ks=(20, 200), group=WORLD)
     results = run_ranks(_ranks, 2, tmp_path, tr, ytr, q, yq)
     for votes, acc in results:
         torch.testing.assert_close(votes, single, rtol=1e-6, atol=0)

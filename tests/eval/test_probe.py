@@ -96,12 +96,16 @@ def _probe(rank: int, world: int, shards: str, eval_shards: str | None):
     torch.set_num_threads(1)
     cfg = ProbeConfig(epochs=4, batch_size=128, views=2, knn_k=(20, 200))
     ev = ShardSet.open(eval_shards) if eval_shards else None
-    return probe_model(_model(), ShardSet.open(shards), ev, cfg, image_size=None, batch_size=200)
+    return probe_model(
+        _model(), ShardSet.open(shards), ev, cfg, image_size=None, batch_size=200, group=C.WORLD
+    )
 
 
 def _extract(shards: str):
     aug = AugmentConfig(crop_scale=(0.6, 1.0), rotation=0, hflip=0, jitter_p=0, grayscale=0)
-    f = extract(_model(), ShardSet.open(shards), views=2, aug=aug, seed=0, image_size=None)
+    f = extract(
+        _model(), ShardSet.open(shards), views=2, aug=aug, seed=0, image_size=None, group=C.WORLD
+    )
     return f.idx, f.stages["stage1"], f.stages["pool"]
 
 

@@ -9,6 +9,7 @@ from scipy.spatial.distance import cdist
 from sklearn.cluster import KMeans
 from torch import nn
 
+from selfclust.collectives import WORLD
 from selfclust.labels.kmeans import assign, assign_torch, kmeans, kmeans_torch, objective
 from selfclust.labels.label_pass import Embedded, heads_from_centroids, kmeans_labels
 from tests.helpers.data import digits as load_digits
@@ -129,7 +130,9 @@ def test_duplicate_points_leave_no_nan(digits: torch.Tensor) -> None:
 def test_heads_from_centroids_reproduce_kmeans_labels(digits: torch.Tensor) -> None:
     emb = Embedded(digits, torch.arange(1797), torch.full((1797,), -1))
     heads = nn.ModuleList([nn.Linear(64, 10) for _ in range(2)])
-    labels = kmeans_labels(emb, 2, 10, 1797, 0, 1797, l2_normalize=False, init_heads=heads)
+    labels = kmeans_labels(
+        emb, 2, 10, 1797, 0, 1797, l2_normalize=False, init_heads=heads, group=WORLD
+    )
     with torch.no_grad():
         pred = torch.stack([h(digits).argmax(1) for h in heads])
     assert (pred == labels).double().mean() >= 0.999  # argmax of the head = nearest centroid
@@ -143,7 +146,9 @@ def test_heads_from_centroids_on_normalised_features() -> None:
     f = 7.0 * torch.nn.functional.normalize(torch.randn(2000, 16, generator=g), dim=1)
     emb = Embedded(f, torch.arange(2000), torch.full((2000,), -1))
     heads = nn.ModuleList([nn.Linear(16, 12)])
-    labels = kmeans_labels(emb, 1, 12, 2000, 3, 2000, l2_normalize=True, init_heads=heads)
+    labels = kmeans_labels(
+        emb, 1, 12, 2000, 3, 2000, l2_normalize=True, init_heads=heads, group=WORLD
+    )
     with torch.no_grad():
         assert (heads[0](f).argmax(1) == labels[0]).double().mean() >= 0.999
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfclust.collectives import WORLD
 from selfclust.config import ModelConfig
 from selfclust.data.shardset import ShardSet
 from selfclust.data.streams import eval_batches
@@ -38,13 +39,22 @@ def label_pass(rank: int, world: int, shard_dir: str) -> dict:
     s = ShardSet.open(shard_dir)
     model = _model()
     emb = embed(
-        model.backbone, eval_batches(s, rank, world, 128), torch.device("cpu"), None, s.num_samples
+        model.backbone,
+        eval_batches(s, rank, world, 128),
+        torch.device("cpu"),
+        None,
+        s.num_samples,
+        group=WORLD,
     )
-    local, stats = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
-    bank = gather_bank(local, emb.idx, s.num_samples)
+    local, stats = sinkhorn_labels(
+        model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD
+    )
+    bank = gather_bank(local, emb.idx, s.num_samples, group=WORLD)
     # k-means++ start and the early stop (not the defaults): the same at any rank count too
-    km = kmeans_labels(emb, 2, 10, 1000, 0, s.num_samples, seeding="kmeans++", tol=1e-3)
-    init = gather_bank(km, emb.idx, s.num_samples)
+    km = kmeans_labels(
+        emb, 2, 10, 1000, 0, s.num_samples, seeding="kmeans++", tol=1e-3, group=WORLD
+    )
+    init = gather_bank(km, emb.idx, s.num_samples, group=WORLD)
     return {
         "bank": bank,
         "iters": stats.iterations,
@@ -78,11 +88,13 @@ def test_label_pass_balanced_and_keyed_by_idx(shards: str) -> None:
     # permuting the rows the label pass sees must not change any sample's label
     s = ShardSet.open(shards)
     model = _model()
-    emb = embed(model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797)
+    emb = embed(
+        model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797, group=WORLD
+    )
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(1))
     emb.features, emb.idx = emb.features[perm], emb.idx[perm]
-    local, _ = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
-    assert (gather_bank(local, emb.idx, 1797) == out["bank"]).float().mean() >= 0.999
+    local, _ = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD)
+    assert (gather_bank(local, emb.idx, 1797, group=WORLD) == out["bank"]).float().mean() >= 0.999
 
 
 def test_recomputed_logits_give_the_stored_labels(shards: str) -> None:
@@ -90,14 +102,16 @@ def test_recomputed_logits_give_the_stored_labels(shards: str) -> None:
     features (same chunks as the stored block), so the labels are the same, bit for bit."""
     s = ShardSet.open(shards)
     model = _model()
-    emb = embed(model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797)
-    stored, st = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000)
+    emb = embed(
+        model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797, group=WORLD
+    )
+    stored, st = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD)
     again, st2 = sinkhorn_labels(
-        model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, recompute=True
+        model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, recompute=True, group=WORLD
     )
     assert torch.equal(again, stored) and st2.iterations == st.iterations
 
 
 def test_gather_bank_refuses_duplicates() -> None:
     with pytest.raises(RuntimeError, match="exactly once"):
-        gather_bank(torch.zeros(1, 3, dtype=torch.long), torch.tensor([0, 1, 1]), 3)
+        gather_bank(torch.zeros(1, 3, dtype=torch.long), torch.tensor([0, 1, 1]), 3, group=WORLD)

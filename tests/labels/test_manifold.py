@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfclust.collectives import WORLD
 from selfclust.eval.metrics import clustering_scores
 from selfclust.labels.kmeans import kmeans
 from selfclust.labels.manifold import (
@@ -153,7 +154,7 @@ def _rank(rank: int, world: int, x: torch.Tensor, samples: int) -> torch.Tensor:
     from selfclust.labels.label_pass import Embedded
 
     idx = torch.arange(len(x))[rank::world]
-    out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), neighbors=15)
+    out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), neighbors=15, group=WORLD)
     emb = Embedded(features=x[idx], idx=idx, cls=torch.full_like(idx, -1))
     refreshed, _ = _depict_runner(samples).refresh(emb, manifold_seed=5)
     return torch.stack([idx, out[0], refreshed[0]])
@@ -189,7 +190,9 @@ def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
     labels, record = runner.refresh(emb, manifold_seed=5)
     got = labels[0].numpy()
     assert runner.hard and record["labeller"] == "manifold"
-    expect = manifold_labels(x, emb.idx, 1, 10, 1200, 5, n, neighbors=15, l2_normalize=False)
+    expect = manifold_labels(
+        x, emb.idx, 1, 10, 1200, 5, n, neighbors=15, l2_normalize=False, group=WORLD
+    )
     pairs = set(zip(expect[0].tolist(), got.tolist(), strict=True))
     assert len(pairs) == 10  # the same partition, renamed one to one
     assert clustering_scores(y, got)["acc"] > 0.85
@@ -268,7 +271,7 @@ def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray
     emb = Embedded(features=x, idx=torch.arange(len(x)), cls=torch.from_numpy(y))
     mu, pool, pool_labels, own = runner._partition(emb)
     expect = manifold_labels(x, emb.idx, 1, 10, 1200, cfg.seed, len(x), neighbors=15,
-                             l2_normalize=False)[0]  # fmt: skip
+                             l2_normalize=False, group=WORLD)[0]  # fmt: skip
     assert torch.equal(own, expect)
     assert torch.equal(pool_labels, own[global_sample(len(x), 1200, cfg.seed)[1]])
     assert torch.equal(pool, x[global_sample(len(x), 1200, cfg.seed)[1]])

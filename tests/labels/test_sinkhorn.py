@@ -73,7 +73,7 @@ def test_matches_pot_plan() -> None:
         numItermax=100000,
         stopThr=1e-12,
     )
-    res = sinkhorn_knopp(z, lam, tol=1e-5)
+    res = sinkhorn_knopp(z, lam, tol=1e-5, group=None)
     assert res.converged and res.error < 1e-5
     q = plan(res, z, lam)
     assert torch.allclose(q, q_pot, rtol=1e-3, atol=1e-3 / (n * k))
@@ -84,7 +84,7 @@ def test_matches_pot_plan() -> None:
 def test_matches_log_domain_oracle(lam: float) -> None:
     z = net_logits(5000, 30, seed=1)
     labels_ref, _ = log_sinkhorn_f64(z, lam, tol=1e-6)
-    res = sinkhorn_knopp(z, lam)  # default tol 1e-3
+    res = sinkhorn_knopp(z, lam, group=None)  # default tol 1e-3
     assert res.converged and res.error < 1e-3
     agree = (res.labels == labels_ref).double().mean().item()
     assert agree >= 0.999
@@ -96,12 +96,12 @@ def test_error_is_column_deviation_after_row_update() -> None:
     z = net_logits(2000, 16, seed=2)
     lam = 25.0
     for max_iters in (1, 3, 1000):
-        res = sinkhorn_knopp(z, lam, tol=1e-4, max_iters=max_iters)
+        res = sinkhorn_knopp(z, lam, tol=1e-4, max_iters=max_iters, group=None)
         rows, cols = marginal_errors(plan(res, z, lam))
         assert rows < 1e-5  # rows are exact
         assert abs(res.error - cols) < 1e-5 * max(1.0, cols)
         assert res.converged == (res.error < 1e-4)
-    short = sinkhorn_knopp(z, lam, tol=1e-4, max_iters=3)
+    short = sinkhorn_knopp(z, lam, tol=1e-4, max_iters=3, group=None)
     assert short.iterations == 3 and not short.converged and short.error >= 1e-4
     assert res.converged and res.iterations < 1000
 
@@ -121,7 +121,7 @@ def confident_digit_logits() -> torch.Tensor:
 def test_confident_real_logits_converge(lam: float) -> None:
     z = confident_digit_logits()
     labels_ref, _ = log_sinkhorn_f64(z, lam, tol=1e-5, max_iters=100000)
-    res = sinkhorn_knopp(z, lam, max_iters=1000)
+    res = sinkhorn_knopp(z, lam, max_iters=1000, group=None)
     assert res.converged and res.error < 1e-3 and res.iterations < 400
     assert (res.labels == labels_ref).double().mean() >= 0.999
     rows, cols = marginal_errors(plan(res, z, lam))
@@ -146,7 +146,7 @@ def test_over_relaxation_factor() -> None:
 def test_near_uniform_logits_are_finite_and_balanced() -> None:
     n, k = 20000, 10
     z = 1e-4 * torch.randn(n, k, generator=torch.Generator().manual_seed(3))
-    res = sinkhorn_knopp(z, 25.0)
+    res = sinkhorn_knopp(z, 25.0, group=None)
     assert res.converged
     assert torch.isfinite(res.log_alpha).all() and torch.isfinite(res.log_beta).all()
     q = plan(res, z, 25.0)
@@ -166,7 +166,7 @@ def test_peaked_logits_still_give_equal_clusters(
     z = peaked_logits(n, k, seed=4)
     # Float32 exp(λ (z − max)) of cluster K-1 underflows for every row (λ·20 ≫ 87).
     assert (lam * (z[:, -1] - z.amax(1)) < -104).all()
-    res = sinkhorn_knopp(z, lam)
+    res = sinkhorn_knopp(z, lam, group=None)
     assert res.converged and res.error < 1e-3
     assert torch.isfinite(res.log_alpha).all() and torch.isfinite(res.log_beta).all()
     assert res.rebuilds >= 1  # the shunned cluster's column underflows: P must be rebuilt
@@ -182,7 +182,7 @@ def test_peaked_logits_still_give_equal_clusters(
 
 def test_constant_logits() -> None:
     z = torch.full((50, 5), 3.7)
-    res = sinkhorn_knopp(z, 25.0)
+    res = sinkhorn_knopp(z, 25.0, group=None)
     assert res.converged and res.iterations == 1 and res.error < 1e-6 and res.rebuilds == 0
     assert torch.allclose(plan(res, z, 25.0), torch.full((50, 5), 1 / 250, dtype=torch.float64))
     assert torch.allclose(res.log_alpha, res.log_alpha[0].expand(5))
@@ -191,11 +191,11 @@ def test_constant_logits() -> None:
 
 def test_dtypes_and_input_untouched() -> None:
     z = net_logits(1000, 12, seed=5).to(torch.bfloat16)
-    ref = sinkhorn_knopp(z.float(), 25.0)
+    ref = sinkhorn_knopp(z.float(), 25.0, group=None)
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         zz = z.to(dtype)
         before = zz.clone()
-        res = sinkhorn_knopp(zz, 25.0)
+        res = sinkhorn_knopp(zz, 25.0, group=None)
         assert torch.equal(zz, before)
         assert res.labels.dtype == torch.int64 and res.log_alpha.dtype == torch.float64
         assert res.log_beta.dtype == torch.float64 and res.log_beta.shape == (1000,)
@@ -204,13 +204,13 @@ def test_dtypes_and_input_untouched() -> None:
 
 def test_chunked_cpu_pass_and_check_every(monkeypatch: pytest.MonkeyPatch) -> None:
     z = peaked_logits(3000, 16, seed=6)
-    whole = sinkhorn_knopp(z, 25.0)
+    whole = sinkhorn_knopp(z, 25.0, group=None)
     monkeypatch.setattr(kernels, "_CHUNK_BYTES", 1)  # 64-row chunks (the floor), last one partial
-    chunked = sinkhorn_knopp(z, 25.0)
+    chunked = sinkhorn_knopp(z, 25.0, group=None)
     assert chunked.iterations == whole.iterations
     assert torch.equal(chunked.labels, whole.labels)
     assert torch.allclose(chunked.log_alpha, whole.log_alpha, atol=1e-4)
-    sparse = sinkhorn_knopp(z, 25.0, check_every=7)
+    sparse = sinkhorn_knopp(z, 25.0, check_every=7, group=None)
     assert sparse.converged and sparse.error < 1e-3
     assert (sparse.labels == whole.labels).double().mean() >= 0.999
 
@@ -221,21 +221,21 @@ def test_non_finite_rows_raise_with_count() -> None:
     z[7, 2] = float("inf")
     z[9] = -float("inf")
     with pytest.raises(ValueError, match=r"3 row\(s\) with NaN or inf \(of 20\)"):
-        sinkhorn_knopp(z, 25.0)
+        sinkhorn_knopp(z, 25.0, group=None)
 
 
 def test_invalid_arguments_raise() -> None:
     with pytest.raises(ValueError, match=r"K=5 clusters > N=3 samples"):
-        sinkhorn_knopp(torch.zeros(3, 5), 25.0)
+        sinkhorn_knopp(torch.zeros(3, 5), 25.0, group=None)
     with pytest.raises(ValueError, match="2-D"):
-        sinkhorn_knopp(torch.zeros(10), 25.0)
+        sinkhorn_knopp(torch.zeros(10), 25.0, group=None)
     with pytest.raises(ValueError, match="K >= 2"):
-        sinkhorn_knopp(torch.zeros(10, 1), 25.0)
+        sinkhorn_knopp(torch.zeros(10, 1), 25.0, group=None)
     for lam in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lam"):
-            sinkhorn_knopp(torch.zeros(10, 2), lam)
+            sinkhorn_knopp(torch.zeros(10, 2), lam, group=None)
     with pytest.raises(ValueError, match="floating point"):
-        sinkhorn_knopp(torch.zeros(10, 2, dtype=torch.int64), 25.0)
+        sinkhorn_knopp(torch.zeros(10, 2, dtype=torch.int64), 25.0, group=None)
 
 
 # ---------------------------------------------------------------- fused CPU kernels (numba)
@@ -315,12 +315,12 @@ def test_recomputed_linear_logits_match_stored(
 
     monkeypatch.setattr(sk, "_exact_log_alpha", counted)  # the name the solver loop reads
     z = peaked_logits(3000, 24, 9)
-    ref = sinkhorn_knopp(z, 50.0)
+    ref = sinkhorn_knopp(z, 50.0, group=None)
     assert ref.converged and exact_steps
     for chunk in (3000, 701):  # one chunk; five uneven ones
         lin = LinearLogits(z, torch.eye(24), chunk=chunk)
         assert torch.equal(torch.cat([blk for _, blk in lin.blocks()]), z)  # z I + 0 is exact
-        got = sinkhorn_knopp(lin, 50.0)
+        got = sinkhorn_knopp(lin, 50.0, group=None)
         assert got.iterations == ref.iterations and got.rebuilds == ref.rebuilds and got.converged
         assert torch.equal(got.labels, ref.labels)
         tol = 0.0 if chunk == 3000 else 1e-4
@@ -329,7 +329,7 @@ def test_recomputed_linear_logits_match_stored(
     features = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
     features[[3, 400], 1] = float("nan")
     with pytest.raises(ValueError, match="2 row"):
-        sinkhorn_knopp(LinearLogits(features, torch.randn(5, 8), chunk=128), 25.0)
+        sinkhorn_knopp(LinearLogits(features, torch.randn(5, 8), chunk=128), 25.0, group=None)
     with pytest.raises(ValueError, match="must agree"):
         LinearLogits(features, torch.randn(5, 7))
 
@@ -370,29 +370,31 @@ def test_keep_torch_threads_restores_the_count() -> None:
 
 def test_cpu_kernel_switch_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     z = net_logits(3000, 24, seed=11)
-    fused = sinkhorn_knopp(z.clone().requires_grad_(), 25.0)  # a head's output, say
+    fused = sinkhorn_knopp(z.clone().requires_grad_(), 25.0, group=None)  # a head's output, say
     assert torch.get_num_threads() == 1  # numba's first launch must not change torch's count
     monkeypatch.setenv("SELFCLUST_SINKHORN_CPU", "torch")
-    blas = sinkhorn_knopp(z, 25.0)
+    blas = sinkhorn_knopp(z, 25.0, group=None)
     assert fused.converged and blas.converged
     assert abs(fused.iterations - blas.iterations) <= 2
     assert (fused.labels == blas.labels).double().mean() >= 0.999
     monkeypatch.setenv("SELFCLUST_SINKHORN_CPU", "mkl")
     with pytest.raises(ValueError, match="SELFCLUST_SINKHORN_CPU must be 'numba' or 'torch'"):
-        sinkhorn_knopp(z, 25.0)
+        sinkhorn_knopp(z, 25.0, group=None)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     z = peaked_logits(20000, 100, seed=7)
-    cpu = sinkhorn_knopp(z, 25.0)
-    gpu = sinkhorn_knopp(z.cuda(), 25.0)
+    cpu = sinkhorn_knopp(z, 25.0, group=None)
+    gpu = sinkhorn_knopp(z.cuda(), 25.0, group=None)
     assert gpu.labels.is_cuda and gpu.converged
     assert (gpu.labels.cpu() == cpu.labels).double().mean() >= 0.999
     assert torch.allclose(gpu.log_alpha.cpu(), cpu.log_alpha, atol=1e-2)
     # logits recomputed from features on the GPU (z I + 0 = z), in 3 chunks
-    rec = sinkhorn_knopp(LinearLogits(z.cuda(), torch.eye(100, device="cuda"), chunk=7000), 25.0)
+    rec = sinkhorn_knopp(
+        LinearLogits(z.cuda(), torch.eye(100, device="cuda"), chunk=7000), 25.0, group=None
+    )
     assert rec.labels.is_cuda and rec.converged
     assert (rec.labels == gpu.labels).double().mean() >= 0.999
 
@@ -435,7 +437,7 @@ def test_distributed_equals_single_process(tmp_path: Path, bounds: list[int]) ->
     # a failing rank must fail the test, not hang it: ranks still running at 120 s are killed
     outs = run_ranks(_solve_rank, world, tmp_path, str(tmp_path), bounds, timeout_s=120)
     for name, (z, lam) in cases.items():
-        ref = sinkhorn_knopp(z, lam)
+        ref = sinkhorn_knopp(z, lam, group=None)
         got = [o[name] for o in outs]
         assert all(g["iterations"] == ref.iterations for g in got)
         assert all(g["rebuilds"] == ref.rebuilds for g in got)
