@@ -1,175 +1,20 @@
-"""The ``selfclust`` command: shard, train, evaluate, probe, config."""
+"""The ``selfclust`` command line: the argument parser of shard, train, evaluate, probe and
+config, and :func:`main`, which runs the chosen command (:mod:`selfclust.commands`) and turns
+its errors into exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    from selfclust.rundir import write_json
-
-    write_json(path, obj)
-
-
-def cmd_shard(args: argparse.Namespace) -> int:
-    from selfclust.shards.upload import UploadError
-    from selfclust.shards.verify import verify_shards
-    from selfclust.shards.write import parse_bytes, write_shards
-
-    if args.verify:
-        report = verify_shards(args.source, decode=args.decode)
-        what = "checksum, index and image" if args.decode else "checksum and index"
-        print(
-            f"{args.source}: {report['num_samples']} samples in {report['shards']} shards, "
-            f"every {what} verified"
-        )
-        return 0
-    if args.out is None:
-        raise SystemExit("selfclust shard: OUT is required (or use --verify SPEC)")
-    try:
-        manifest = write_shards(
-            args.source,
-            args.out,
-            shard_size=args.shard_size,
-            shard_bytes=parse_bytes(args.shard_bytes) if args.shard_bytes else None,
-            encode=args.encode,
-            quality=args.quality,
-            max_side=args.max_side,
-            workers=args.workers,
-            post=args.post,
-            keep_local=not args.no_keep_local,
-            root=args.root,
-        )
-    except UploadError as e:
-        raise ValueError(str(e)) from e
-    print(
-        f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to "
-        f"{args.out} (manifest.json)"
-    )
-    return 0
-
-
-def _print_table(heads: list[dict[str, Any]], best: int | None, k_is_classes: bool = True) -> None:
-    cols = ["acc", "nmi", "ari", "size_min", "size_max"]
-    if not k_is_classes:  # K != classes: majority-vote accuracy and adjusted MI are the fair ones
-        cols[3:3] = ["majority_acc", "ami"]
-    print("head  " + "  ".join(f"{c:>8}" for c in cols))
-    for h in heads:
-        cells = []
-        for c in cols:
-            v = h.get(c)
-            cells.append(f"{v:8.4f}" if isinstance(v, float) else f"{v!s:>8}")
-        mark = "  <- best (lowest training loss)" if h["head"] == best else ""
-        print(f"{h['head']:>4}  " + "  ".join(cells) + mark)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from selfclust.config import load_config
-    from selfclust.eval.pictures import GALLERY
-    from selfclust.launch import train
-
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    summary = train(cfg, run_dir)
-    _print_table(summary["heads"], summary.get("best_head"))
-    acc, nmi = summary.get("acc"), summary.get("nmi")
-    if acc is not None:
-        print(
-            f"ACC {acc:.4f}  NMI {nmi:.4f}  ARI {summary['ari']:.4f}  (head {summary['best_head']})"
-        )
-    print(f"summary: {run_dir / 'summary.json'}")
-    if not (run_dir / GALLERY).is_file():  # drawn once, when the run ends
-        _pictures(run_dir)
-    return 0
-
-
-def _pictures(run_dir: Path, data: str | None = None) -> None:
-    """Gallery, cluster sizes and confusion matrix PNGs into the run dir (and W&B)."""
-    from selfclust.eval.pictures import run_pictures
-
-    done = run_pictures(run_dir, data=data)
-    print(f"pictures: {', '.join(done['paths'].values())} ({done['wandb']})")
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from selfclust.eval.evaluate import evaluate
-    from selfclust.rundir import is_checkpoint_dir
-
-    result = evaluate(args.target, data=args.data, batch_size=args.batch_size)
-    _print_table(result["heads"], result.get("best_head"), result.get("k_equals_classes", True))
-    agree = result["head_agreement"]
-    if agree["pairs"]:
-        print(
-            f"agreement between heads: NMI mean {agree['nmi_mean']:.4f} min {agree['nmi_min']:.4f}"
-        )
-    out = Path(args.out) if args.out else result["default_out"]
-    result.pop("default_out")
-    _write_json(out, result)
-    print(f"wrote {out}")
-    if args.pictures:
-        if is_checkpoint_dir(Path(args.target)):
-            raise ValueError("--pictures needs a run dir (pictures are written into it)")
-        _pictures(Path(args.target), args.data)
-    return 0
+from selfclust.commands import cmd_config, cmd_evaluate, cmd_probe, cmd_shard, cmd_train
 
 
 def _probe_workers(text: str) -> int | str:
     if text == "auto" or (text.isdigit() and int(text) >= 1):
         return text if text == "auto" else int(text)
     raise argparse.ArgumentTypeError(f"takes 'auto' or a count >= 1, got {text!r}")
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    from selfclust.eval.probe import ProbeConfig
-    from selfclust.eval.probe_launch import run_probe
-    from selfclust.rundir import is_checkpoint_dir
-
-    cfg = ProbeConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        views=args.views,
-        crop_scale=args.crop_scale,
-        hflip=args.hflip,
-        seed=args.seed,
-        eval_fraction=args.eval_fraction,
-        knn_k=tuple(args.knn_k),
-        knn_temperature=args.knn_temperature,
-    )
-    result = run_probe(
-        args.target,
-        args.data,
-        args.eval_data,
-        cfg,
-        workers=args.workers,
-        image_size=args.image_size,
-    )
-    print(f"ranks: {result['world_size']} on {result['device']} ({result['workers']['rule']})")
-    print(f"split: {result['split']}  ({result['num_train']} train / {result['num_eval']} eval)")
-    print(f"{'linear probe':<14}{'dim':>6}{'top-1':>9}{'top-5':>9}")
-    for stage, r in result["linear"].items():
-        print(f"{stage:<14}{r['dim']:>6}{r['top1']:>9.4f}{r['top5']:>9.4f}")
-    for k, r in result["knn"].items():
-        name = f"k-NN {k}"
-        print(f"{name:<14}{'':>6}{r['top1']:>9.4f}{r['top5']:>9.4f}")
-    target = Path(args.target)
-    default = Path("probe.json") if is_checkpoint_dir(target) else target / "probe.json"
-    out = Path(args.out) if args.out else default
-    _write_json(out, result)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    from selfclust.config.doc import render
-
-    sys.stdout.write(render(args.format, args.method))
-    return 0
 
 
 def _add_shard(sub: Any) -> None:

@@ -46,6 +46,17 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / STATE_FILE).is_file()
 
 
+def default_run_dir(config: str | Path) -> Path:
+    """The run dir of ``selfclust train CONFIG`` without ``--run-dir``: ``runs/CONFIG_NAME``."""
+    return Path("runs") / Path(config).stem
+
+
+def default_output(target: Path, name: str) -> Path:
+    """Where a command run on ``target`` writes ``name`` by default: into the run dir, or into
+    the working directory when ``target`` is a checkpoint dir (a checkpoint is never written)."""
+    return Path(name) if is_checkpoint_dir(target) else target / name
+
+
 def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """Load or create ``run.json``: the Ray run name and W&B id that persist across reruns.
 

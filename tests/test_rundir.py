@@ -25,6 +25,8 @@ from selfclust.rundir import (
     RUN_FILE,
     SUMMARY_FILE,
     atomic_write,
+    default_output,
+    default_run_dir,
     finished_summary,
     label_changes,
     latest_checkpoint,
@@ -202,6 +204,13 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
     assert resolve_checkpoint(tmp_path / "run") == ckpt
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint(tmp_path / "missing")
+
+
+def test_default_paths(tmp_path: Path) -> None:
+    assert default_run_dir("configs/quickstart.yaml") == Path("runs/quickstart")
+    ckpt = checkpoint(tmp_path / "run" / "ray" / "r", "checkpoint_000001")
+    assert default_output(tmp_path / "run", "probe.json") == tmp_path / "run" / "probe.json"
+    assert default_output(ckpt, "probe.json") == Path("probe.json")  # never into a checkpoint
 
 
 # ---------------------------------------------------------------- label changes
