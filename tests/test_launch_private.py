@@ -76,3 +76,16 @@ def test_preemption_seen_reads_the_workers_own_notice(context) -> None:
             assert launch._preemption_seen() is seen, WHY
     finally:
         context.set_train_context(None)
+
+
+def test_report_poll_interval_is_rays_propagated_variable() -> None:
+    """launch.POLL_ENV is Ray Train V2's controller poll interval (its default 2 s is what each
+    ray.train.report waited), propagated from the driver to the controller and workers."""
+    from ray.train.v2._internal import constants
+
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == launch.POLL_ENV, WHY
+    assert constants.DEFAULT_HEALTH_CHECK_INTERVAL_S == 2.0, WHY
+    assert launch.POLL_ENV in constants.ENV_VARS_TO_PROPAGATE, WHY
+    assert [launch.report_poll_interval(w) for w in (1, 2, 20, 100, 400, 4096)] == [
+        0.1, 0.1, 0.1, 0.5, 2.0, 2.0
+    ]  # fmt: skip

@@ -178,8 +178,11 @@ def test_checkpoint_write_killed_half_way_never_becomes_latest(tmp_path: Path) -
 
 
 CLUSTER_SCRIPT = """
-import json, sys, threading, time
+import json, os, sys, threading, time
 from pathlib import Path
+# Ray polls for drain notices every 5 s by default; the run is ~15 s of training here, so
+# poll faster that the notice lands mid-run (the variable is propagated to the workers).
+os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
 import ray
 from ray.cluster_utils import Cluster
 from ray.core.generated import autoscaler_pb2
