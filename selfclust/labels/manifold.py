@@ -72,8 +72,6 @@ def cluster_pool(
             f"got {len(x)}: raise method.kmeans_samples or lower method.clusters"
         )
     logging.getLogger("numba").setLevel(logging.WARNING)
-    from sklearn.metrics import silhouette_score
-
     if select == "consensus" and candidates == 2:
         raise ValueError(
             f"consensus selection needs 3 or more candidates, got {candidates}: the mean "
@@ -84,20 +82,29 @@ def cluster_pool(
         parts = _partitions(x, k, seed, neighbors, dim, restarts, candidates)
     if candidates == 1:
         return parts[0]
-    if select == "consensus":
-        scores = consensus_scores(parts)
-    else:  # O(n²) distances: score at most 10,000 rows (a fixed subset, the same for all).
-        scored = x - x.min()  # standardised pixels → intensities (0 = darkest), see above
-        scores = np.array([
-            silhouette_score(scored, p, metric="cosine", sample_size=min(len(x), 10_000),
-                             random_state=seed) if len(np.unique(p)) > 1 else -np.inf
-            for p in parts
-        ])  # fmt: skip
+    scores = _candidate_scores(x, parts, select, seed)
     for c, score in enumerate(scores):
         log.info("manifold candidate %d: %s %.4f", c, select, score)
     best = int(np.argmax(scores))  # the first of equals
     log.info("manifold candidate %d kept (%s)", best, select)
     return parts[best]
+
+
+def _candidate_scores(
+    x: np.ndarray, parts: list[np.ndarray], select: Select, seed: int
+) -> np.ndarray:
+    """One score per candidate partition of ``x``, higher is better (see cluster_pool)."""
+    if select == "consensus":
+        return consensus_scores(parts)
+    from sklearn.metrics import silhouette_score
+
+    # O(n²) distances: score at most 10,000 rows (a fixed subset, the same for all).
+    scored = x - x.min()  # standardised pixels → intensities (0 = darkest), see cluster_pool
+    return np.array([
+        silhouette_score(scored, p, metric="cosine", sample_size=min(len(x), 10_000),
+                         random_state=seed) if len(np.unique(p)) > 1 else -np.inf
+        for p in parts
+    ])  # fmt: skip
 
 
 def _partitions(

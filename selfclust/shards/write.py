@@ -193,21 +193,7 @@ def write_shards(
     the end, so an interrupted write never leaves a manifest pointing at partial shards. An
     existing OUT is replaced only if it is empty or a previous selfclust shard directory.
     """
-    if not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if shard_bytes is not None and shard_bytes < 1:
-        raise ValueError(f"shard_bytes must be a positive number of bytes, got {shard_bytes!r}")
-    if image_format not in ARRAY_FORMATS:
-        raise ValueError(f"image_format must be one of {list(ARRAY_FORMATS)}, got {image_format!r}")
-    if encode not in ENCODINGS:
-        raise ValueError(f"encode must be one of {list(ENCODINGS)}, got {encode!r}")
-    if not 1 <= quality <= 100 or (max_side is not None and max_side < 1) or workers < 1:
-        raise ValueError(
-            "need 1 <= quality <= 100, max_side >= 1, workers >= 1; "
-            f"got {quality}, {max_side}, {workers}"
-        )
-    if post is not None and "{path}" not in post:
-        raise ValueError(f"post command {post!r} must contain {{path}} (and usually {{name}})")
+    _check_args(shard_size, shard_bytes, image_format, encode, quality, max_side, workers, post)
     src = resolve_source(source, root)
     opts = {
         "encode": encode,
@@ -230,10 +216,7 @@ def write_shards(
         if uploader is not None:
             uploader.wait()  # every shard uploaded before the manifest
         manifest = build_manifest(src, shards, shapes, opts, shard_size, shard_bytes)
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_manifest(tmp / MANIFEST, manifest)
         if uploader is not None:
             uploader.submit(tmp / MANIFEST, keep=True)
             uploader.wait()
@@ -244,6 +227,41 @@ def write_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _check_args(
+    shard_size: int,
+    shard_bytes: int | None,
+    image_format: str,
+    encode: str,
+    quality: int,
+    max_side: int | None,
+    workers: int,
+    post: str | None,
+) -> None:
+    if not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if shard_bytes is not None and shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be a positive number of bytes, got {shard_bytes!r}")
+    if image_format not in ARRAY_FORMATS:
+        raise ValueError(f"image_format must be one of {list(ARRAY_FORMATS)}, got {image_format!r}")
+    if encode not in ENCODINGS:
+        raise ValueError(f"encode must be one of {list(ENCODINGS)}, got {encode!r}")
+    if not 1 <= quality <= 100 or (max_side is not None and max_side < 1) or workers < 1:
+        raise ValueError(
+            "need 1 <= quality <= 100, max_side >= 1, workers >= 1; "
+            f"got {quality}, {max_side}, {workers}"
+        )
+    if post is not None and "{path}" not in post:
+        raise ValueError(f"post command {post!r} must contain {{path}} (and usually {{name}})")
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """The manifest, flushed to disk before the directory is swapped into place."""
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
