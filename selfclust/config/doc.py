@@ -92,9 +92,8 @@ def _method_fields() -> dict[str, tuple[FieldInfo, Any]]:
     out: dict[str, tuple[FieldInfo, Any]] = {}
     for name in METHODS:
         for k, f in BY_NAME[name].model_fields.items():
-            if k not in out:
-                default = name if k == "name" else f.get_default(call_default_factory=True)
-                out[k] = (f, default)
+            if k not in out:  # (name: each model's default is its own name)
+                out[k] = (f, f.get_default(call_default_factory=True))
     return out
 
 
@@ -115,11 +114,7 @@ def _method_section(method: str | None, description: str) -> Section:
         if method is not None:
             if method not in owners:
                 continue
-            default = (
-                method
-                if k == "name"
-                else BY_NAME[method].model_fields[k].get_default(call_default_factory=True)
-            )
+            default = BY_NAME[method].model_fields[k].get_default(call_default_factory=True)
         key = _key(f"method.{k}", f, default, owners)
         if k == "name":  # each method's model allows only its own name
             key = replace(key, type=" | ".join(METHODS))

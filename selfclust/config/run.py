@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from selfclust.config.fixed import FIXED, RemovedKeyWarning, fixed_error, not_a_key, reads
 from selfclust.config.method_base import METHODS
@@ -33,9 +33,6 @@ from selfclust.config.sections import (
     _for,
     _Section,
 )
-
-# Validation context of configs a person wrote: they are resolved strictly (resolve_keys).
-_USER_KEYS = "user_keys"
 
 
 class ConfigError(ValueError):
@@ -85,9 +82,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _resolve(cls, data: Any, info: ValidationInfo) -> Any:
+    def _resolve(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return resolve_keys(data, strict=bool((info.context or {}).get(_USER_KEYS)))
+            # A resolved config read back: lenient. build_config resolved a person's config
+            # strictly already, and resolving a resolved tree changes nothing.
+            return resolve_keys(data, strict=False)
         return data
 
     @model_validator(mode="after")
@@ -233,7 +232,7 @@ def build_config(tree: dict[str, Any]) -> RunConfig:
     ``RunConfig.model_validate``)."""
     tree = resolve_keys(tree, strict=True)
     try:
-        return RunConfig.model_validate(tree, context={_USER_KEYS: True})
+        return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 
