@@ -295,7 +295,7 @@ def simulated_head(
 def _memory_rank(rank: int, tmp: str, lam: float, recompute: bool) -> None:
     import resource
 
-    from selfclust.labels.label_pass import head_logits
+    from selfclust.labels.sinkhorn_logits import head_logits
 
     torch.set_num_threads(1)
     x, w = torch.load(f"{tmp}/head.pt")

@@ -1,14 +1,37 @@
 """The ``selfclust`` command line: the argument parser of shard, train, evaluate, probe and
-config, and :func:`main`, which runs the chosen command (:mod:`selfclust.commands`) and turns
-its errors into exit code 2."""
+config, :func:`main`, which runs the chosen command and turns its errors into exit code 2,
+and :func:`cmd_train` (``selfclust train`` → :func:`selfclust.launch.train`); the other
+commands are in :mod:`selfclust.commands`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from selfclust.commands import cmd_config, cmd_evaluate, cmd_probe, cmd_shard, cmd_train
+from selfclust.commands import cmd_config, cmd_evaluate, cmd_probe, cmd_shard, pictures, print_heads
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from selfclust.config import load_config
+    from selfclust.eval.pictures import GALLERY
+    from selfclust.launch import train
+    from selfclust.rundir import default_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    summary = train(cfg, run_dir)
+    print_heads(summary["heads"], summary.get("best_head"))
+    acc, nmi = summary.get("acc"), summary.get("nmi")
+    if acc is not None:
+        print(
+            f"ACC {acc:.4f}  NMI {nmi:.4f}  ARI {summary['ari']:.4f}  (head {summary['best_head']})"
+        )
+    print(f"summary: {run_dir / 'summary.json'}")
+    if not (run_dir / GALLERY).is_file():  # drawn once, when the run ends
+        pictures(run_dir)
+    return 0
 
 
 def _probe_workers(text: str) -> int | str:

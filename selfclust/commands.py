@@ -1,10 +1,11 @@
-"""What each ``selfclust`` subcommand does with its parsed arguments, and what it prints.
+"""What the ``selfclust`` subcommands other than ``train`` do with their parsed arguments,
+and the printing they share with it.
 
-:mod:`selfclust.cli` parses the command line and calls one ``cmd_*`` here; each calls the
-module that does the work and prints its result. A ``ValueError`` (or ``ConfigError``,
-``FileNotFoundError``, ``FileExistsError``) raised here becomes exit code 2 in
-:func:`selfclust.cli.main`. Heavy imports (torch, Ray) stay inside the commands, so that
-``selfclust --help`` starts fast.
+:mod:`selfclust.cli` parses the command line and calls one ``cmd_*`` (``cmd_train`` is in
+:mod:`selfclust.cli` itself); each calls the module that does the work and prints its
+result. A ``ValueError`` (or ``ConfigError``, ``FileNotFoundError``, ``FileExistsError``)
+raised here becomes exit code 2 in :func:`selfclust.cli.main`. Heavy imports (torch, Ray)
+stay inside the commands, so that ``selfclust --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -68,28 +69,7 @@ def print_heads(heads: list[dict[str, Any]], best: int | None, k_is_classes: boo
         print(f"{h['head']:>4}  " + "  ".join(cells) + mark)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from selfclust.config import load_config
-    from selfclust.eval.pictures import GALLERY
-    from selfclust.launch import train
-    from selfclust.rundir import default_run_dir
-
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    summary = train(cfg, run_dir)
-    print_heads(summary["heads"], summary.get("best_head"))
-    acc, nmi = summary.get("acc"), summary.get("nmi")
-    if acc is not None:
-        print(
-            f"ACC {acc:.4f}  NMI {nmi:.4f}  ARI {summary['ari']:.4f}  (head {summary['best_head']})"
-        )
-    print(f"summary: {run_dir / 'summary.json'}")
-    if not (run_dir / GALLERY).is_file():  # drawn once, when the run ends
-        _pictures(run_dir)
-    return 0
-
-
-def _pictures(run_dir: Path, data: str | None = None) -> None:
+def pictures(run_dir: Path, data: str | None = None) -> None:
     """Gallery, cluster sizes and confusion matrix PNGs into the run dir (and W&B)."""
     from selfclust.eval.pictures import run_pictures
 
@@ -115,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pictures:
         if is_checkpoint_dir(Path(args.target)):
             raise ValueError("--pictures needs a run dir (pictures are written into it)")
-        _pictures(Path(args.target), args.data)
+        pictures(Path(args.target), args.data)
     return 0
 
 

@@ -1,10 +1,11 @@
-"""The label pass: features for every sample once, then pseudo-labels per head.
+"""The label pass: features for every sample once, and what every labeller shares.
 
 Each rank embeds the samples of its own shards (no shuffle, every sample exactly once across
-ranks, checked by an all-reduced count), keeps the pooled features ``[n_r, D]``, and for one
-head at a time recomputes that head's logits ``[n_r, K]`` from them (the heads are linear), runs
-the distributed Sinkhorn-Knopp on its own rows and drops the block. Only the final labels
-(``n_r × T`` small integers with their ``idx``) are all-gathered into every rank's bank.
+ranks, checked by an all-reduced count) and keeps the pooled features ``[n_r, D]``; a
+labeller (SeLa's Sinkhorn, :func:`selfclust.labels.sinkhorn.sinkhorn_labels`; k-means here;
+UMAP + GMM in :mod:`~selfclust.labels.manifold`) makes this rank's labels from them. Only the
+final labels (``n_r × T`` small integers with their ``idx``) are all-gathered into every
+rank's bank (:func:`gather_bank`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.data.augment import normalize
-from selfclust.labels.kmeans import LLOYD_ITERS, Seeding, assign, distributed_centroids, sample_pool
-from selfclust.labels.sinkhorn import LinearLogits, sinkhorn_knopp
+from selfclust.labels.kmeans import LLOYD_ITERS, Seeding, assign, distributed_centroids
+from selfclust.labels.sample import sample_pool
+from selfclust.labels.sinkhorn_logits import head_logits
 from selfclust.seeds import head_seed
 
 
@@ -91,60 +93,6 @@ def thumbnails(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.nn.functional.adaptive_avg_pool2d(x, min(size, x.shape[-1])).flatten(1)
 
     return features
-
-
-def head_logits(head: nn.Module, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """[n, D] features → [n, K] float32 logits of one head, computed in row chunks (a linear
-    head by one addmm per chunk; any other head, e.g. DEC's Student-t layer, by calling it)."""
-    if not isinstance(head, nn.Linear):
-        with torch.no_grad():
-            return torch.cat([head(f.float()).float() for f in features.split(chunk)])
-    linear = cast(nn.Linear, head)
-    w, b = linear.weight.detach().float(), linear.bias.detach().float()
-    return torch.cat([torch.addmm(b, f, w.t()) for f in features.split(chunk)])
-
-
-@dataclass
-class RelabelStats:
-    iterations: list[int]
-    errors: list[float]
-
-
-def sinkhorn_labels(
-    heads: nn.ModuleList,
-    emb: Embedded,
-    lam: float,
-    tol: float,
-    max_iters: int,
-    *,
-    group: C.Group,
-    recompute: bool = False,
-) -> tuple[torch.Tensor, RelabelStats]:
-    """Labels ``[T, n_r]`` for this rank's rows; one head's logits block alive at a time.
-    Collective over ``group`` (one distributed Sinkhorn-Knopp per head).
-
-    Peak memory per rank: the features plus two ``[n_r, K]`` float32 blocks (the head's
-    logits and Sinkhorn's kernel, which rebuilds from the logits when it re-stabilises), or
-    one with ``recompute`` (linear heads: the solver recomputes logits chunks from the
-    features, :class:`selfclust.labels.sinkhorn.LinearLogits`). On CUDA the convergence test runs
-    every 10 iterations (each is a host-device sync).
-    """
-    labels, its, errs = [], [], []
-    check_every = 10 if emb.features.device.type == "cuda" else 1
-    for head in heads:
-        z: torch.Tensor | LinearLogits
-        if recompute and isinstance(head, nn.Linear):
-            z = LinearLogits(emb.features, head.weight, head.bias)
-        else:
-            z = head_logits(head, emb.features)
-        res = sinkhorn_knopp(
-            z, lam, tol=tol, max_iters=max_iters, group=group, check_every=check_every
-        )
-        del z
-        labels.append(res.labels.cpu())
-        its.append(int(res.iterations))
-        errs.append(float(res.error))
-    return torch.stack(labels), RelabelStats(its, errs)
 
 
 def gather_bank(

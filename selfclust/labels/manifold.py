@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from selfclust import collectives as C
-from selfclust.labels.kmeans import _check_not_in_loader_worker, _faiss, global_sample, sample_pool
+from selfclust.labels.kmeans import _check_not_in_loader_worker, _faiss
+from selfclust.labels.sample import global_sample, sample_pool
 from selfclust.seeds import candidate_seed
 from selfclust.threads import keep_torch_threads
 

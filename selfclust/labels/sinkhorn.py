@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from selfclust.collectives import Group, all_reduce_sum
 from selfclust.labels.sinkhorn_kernels import (
@@ -38,11 +39,11 @@ from selfclust.labels.sinkhorn_kernels import (
     _scaled_argmax,
     _sweep,
 )
-from selfclust.labels.sinkhorn_logits import LinearLogits, _blocks
+from selfclust.labels.sinkhorn_logits import LinearLogits, _blocks, head_logits
 from selfclust.labels.sinkhorn_relaxation import _Relaxation
 from selfclust.labels.sinkhorn_scalings import _Scalings
 
-__all__ = ["LinearLogits", "SinkhornResult", "sinkhorn_knopp"]
+__all__ = ["LinearLogits", "RelabelStats", "SinkhornResult", "sinkhorn_knopp", "sinkhorn_labels"]
 
 
 @dataclass
@@ -248,3 +249,47 @@ def _iterate(
                 relax.observe(it, error)
         sc.gauge(nxt)
     return it, error, converged, rebuilds
+
+
+@dataclass
+class RelabelStats:
+    iterations: list[int]
+    errors: list[float]
+
+
+def sinkhorn_labels(
+    heads: nn.ModuleList,
+    features: torch.Tensor,
+    lam: float,
+    tol: float,
+    max_iters: int,
+    *,
+    group: Group,
+    recompute: bool = False,
+) -> tuple[torch.Tensor, RelabelStats]:
+    """SeLa's label update: labels ``[T, n_r]`` for this rank's rows of the pooled
+    ``features`` ``[n_r, D]``, one head's logits block alive at a time. Collective over
+    ``group`` (one distributed Sinkhorn-Knopp per head; logits never gathered).
+
+    Peak memory per rank: the features plus two ``[n_r, K]`` float32 blocks (the head's
+    logits and Sinkhorn's kernel, which rebuilds from the logits when it re-stabilises), or
+    one with ``recompute`` (linear heads: the solver recomputes logits chunks from the
+    features, :class:`LinearLogits`). On CUDA the convergence test runs
+    every 10 iterations (each is a host-device sync).
+    """
+    labels, its, errs = [], [], []
+    check_every = 10 if features.device.type == "cuda" else 1
+    for head in heads:
+        z: torch.Tensor | LinearLogits
+        if recompute and isinstance(head, nn.Linear):
+            z = LinearLogits(features, head.weight, head.bias)
+        else:
+            z = head_logits(head, features)
+        res = sinkhorn_knopp(
+            z, lam, tol=tol, max_iters=max_iters, group=group, check_every=check_every
+        )
+        del z
+        labels.append(res.labels.cpu())
+        its.append(int(res.iterations))
+        errs.append(float(res.error))
+    return torch.stack(labels), RelabelStats(its, errs)

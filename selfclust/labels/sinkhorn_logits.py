@@ -4,11 +4,24 @@ head's logits recomputed in row chunks whenever :mod:`selfclust.labels.sinkhorn`
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
+from torch import nn
 
 # LinearLogits: default rows per recomputed chunk, as bytes of float32 logits.
 _RECOMPUTE_BYTES = 64 << 20
+
+
+def head_logits(head: nn.Module, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """[n, D] features → [n, K] float32 logits of one head, computed in row chunks (a linear
+    head by one addmm per chunk; any other head, e.g. DEC's Student-t layer, by calling it)."""
+    if not isinstance(head, nn.Linear):
+        with torch.no_grad():
+            return torch.cat([head(f.float()).float() for f in features.split(chunk)])
+    linear = cast(nn.Linear, head)
+    w, b = linear.weight.detach().float(), linear.bias.detach().float()
+    return torch.cat([torch.addmm(b, f, w.t()) for f in features.split(chunk)])
 
 
 class LinearLogits:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from selfclust import collectives as C
 from selfclust.config import DepictMethod, RunConfig
-from selfclust.labels.kmeans import sample_pool
 from selfclust.labels.label_pass import Embedded
 from selfclust.labels.manifold import extend_labels, pool_labels
+from selfclust.labels.sample import sample_pool
 from selfclust.methods import depict
 from selfclust.methods.nets import ClusterNet, DEPICTModel
 from selfclust.methods.runner import Losses, MethodRunner, fit_head

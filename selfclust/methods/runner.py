@@ -30,9 +30,10 @@ from selfclust import collectives as C
 from selfclust.config import DepictMethod, PretrainedMethod, RunConfig, expect
 from selfclust.data.streams import Batches
 from selfclust.labels.bank import LabelBank
-from selfclust.labels.kmeans import assign, sample_pool
+from selfclust.labels.kmeans import assign
 from selfclust.labels.label_pass import Embedded, embed
 from selfclust.labels.manifold import extend_labels, pool_labels
+from selfclust.labels.sample import sample_pool
 from selfclust.methods import dec
 from selfclust.methods.base import LabelUpdate, Method
 from selfclust.methods.nets import ClusterNet

@@ -5,7 +5,7 @@ on pseudo-labels that a distributed Sinkhorn-Knopp step makes equal-size over th
 * First labels (``method.init``): SeLa's random equal-size labels, k-means (faiss) of the
   untrained backbone's features or of raw-pixel thumbnails, or UMAP + a Gaussian mixture of
   the thumbnails.
-* Label updates: Sinkhorn on each head's logits (:func:`selfclust.labels.label_pass.
+* Label updates: Sinkhorn on each head's logits (:func:`selfclust.labels.sinkhorn.
   sinkhorn_labels`: logits never gathered); the last ``method.manifold_relabels`` cluster the
   backbone's features by UMAP + a Gaussian mixture instead.
 """
@@ -25,10 +25,10 @@ from selfclust.labels.label_pass import (
     embed,
     kmeans_labels,
     random_bank,
-    sinkhorn_labels,
     thumbnails,
 )
 from selfclust.labels.manifold import manifold_labels
+from selfclust.labels.sinkhorn import sinkhorn_labels
 from selfclust.methods.base import LabelUpdate, Method
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.train.step import Precision
@@ -133,7 +133,7 @@ class SeLa(Method):
             return local, {"event": "relabel", "labeller": "manifold"}
         local, st = sinkhorn_labels(
             self.model.heads,
-            emb,
+            emb.features,
             m.lam,
             SINKHORN_TOL,
             SINKHORN_MAX_ITERS,

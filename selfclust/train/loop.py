@@ -18,19 +18,19 @@ from selfclust import collectives as C
 from selfclust.checkpoint import check_compatible, make_state, read_state, write_state
 from selfclust.config import RunConfig
 from selfclust.data.shardset import ShardSet
-from selfclust.data.streams import Batches
 from selfclust.labels.bank import LabelBank
+from selfclust.labels.label_pass import gather_bank
 from selfclust.methods.registry import build_method, build_model
 from selfclust.models.base import image_side
 from selfclust.runlog import MetricsLog, Progress
-from selfclust.train.batches import RankData, sync_buffers
+from selfclust.train.batches import RankData
 from selfclust.train.context import WorkerContext, configure_process
 from selfclust.train.optim import build_optimizer
 from selfclust.train.preemption import PreemptionWatcher
-from selfclust.train.relabel import LabelUpdates
-from selfclust.train.state import DataHealth, LossTracker, TrainPosition
+from selfclust.train.schedule import RelabelSchedule
+from selfclust.train.state import DataHealth, LossTracker, TrainPosition, resumed_record
 from selfclust.train.step import Precision, ddp_forward, optimizer_step
-from selfclust.train.summary import check_finite, final_summary, train_record
+from selfclust.train.summary import check_finite, final_summary, label_record, train_record
 
 
 class Trainer:
@@ -67,8 +67,9 @@ class Trainer:
         self.losses = LossTracker(m.heads, self.method.terms)
         self.health = DataHealth()
         self.preemption = PreemptionWatcher(ctx)
-        self.updates = LabelUpdates(self.method, self.bank, self.data, self.log,
-                                    self.pretrain_steps, self.cluster_steps)  # fmt: skip
+        self.updates = RelabelSchedule(self.pretrain_steps, self.cluster_steps, m.relabels,
+                                       m.relabel_power, m.relabel_start,
+                                       m.manifold_updates())  # fmt: skip
 
     def _optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """The current phase's optimiser (the checkpoint's phase decides which it saved)."""
@@ -131,20 +132,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ labels
     def relabel(self, initial: bool = False) -> None:
-        """A label update: the first labels, or the scheduled one at this step."""
+        """A label update of every rank (collective): the first labels, or the scheduled
+        update at this step. Every sample is embedded once over all ranks, the method makes
+        this rank's labels (Sinkhorn, k-means, UMAP + GMM, its own targets), and only the
+        labels are gathered into every rank's bank."""
         first = self.method.first_bank() if initial else None
         if first is not None:  # SeLa's random labels: no pass over the data
             self.bank.assign(first)
             return
-        self.updates.run(self.model, self.pos.global_step, self.pos.epoch, initial)
+        step, epoch, n = self.pos.global_step, self.pos.epoch, self.n
+        # Marks the start of a full pass over the data (fault tests kill a worker inside it).
+        self.log.log({"step": step, "epoch": epoch, "event": "label_pass_start",
+                      "initial": initial})  # fmt: skip
+        emb = self.method.embed(self.data.label_pass(self.model), n, initial)
+        if initial:
+            local, update = self.method.first_labels(emb, self.bank)
+        else:
+            manifold = self.updates.manifold_at(step)
+            local, update = self.method.update_labels(emb, self.bank, step, manifold)
+        new = gather_bank(local, emb.idx, n, group=C.WORLD, skipped=emb.skipped,
+                          fill=self.bank.labels)  # fmt: skip
+        record: dict[str, Any] = {"step": step, "epoch": epoch, **update}
+        if emb.skipped:
+            record["data_skipped"] = emb.skipped
+        record["label_change"] = self.bank.assign(new)
+        # DEC's stop rule: the same bank, so the same on all ranks
+        record.update(self.method.after_change(record["label_change"], initial))
+        self.log.log(label_record(record, new, self.bank, emb, self.ctx.rank))
         if not initial:
-            self.pos.labels_step = self.pos.global_step
+            self.pos.labels_step = step
         # A label pass costs a full sweep of the data: never redo one after a failure.
         self.checkpoint({"kind": "labels"})
-
-    def label_batches(self) -> Batches:
-        """Every training sample once over all ranks (BatchNorm statistics synced first)."""
-        return self.data.label_pass(self.model)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -176,26 +194,11 @@ class Trainer:
         extra = state["extra"]
         self.method.load_state_dict(extra["method"])
         if self.pos.phase == "cluster" and self.method.needs_resume_pass:
-            self.method.rebuild(self.label_batches(), self.n)
+            self.method.rebuild(self.data.label_pass(self.model), self.n)
         self.losses.load_state_dict(extra)
         self.health.load_state_dict(extra)
-        # Steps after this checkpoint may already be in metrics.jsonl from the lost attempt;
-        # this line marks where the resumed attempt's records start.
-        record: dict[str, Any] = {
-            "step": self.pos.global_step,
-            "epoch": self.pos.epoch,
-            "event": "resumed",
-            "step_in_epoch": self.pos.step_in_epoch,
-        }
         saved_world = int(extra.get("world_size", self.ctx.world_size))
-        if saved_world != self.ctx.world_size:
-            # Elastic resume: the global batch, steps per epoch, LR and relabel schedules do
-            # not depend on the worker count, so the position carries over unchanged. Only
-            # the rest of this epoch is drawn from the new split (some of its samples may be
-            # seen twice, others not at all); later epochs are as in a fresh run of this size.
-            record.update(event="resumed_elastic", from_workers=saved_world)
-        record["workers"] = self.ctx.world_size
-        self.log.log(record)
+        self.log.log(resumed_record(self.pos, saved_world, self.ctx.world_size))
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """All ranks call this; rank 0 writes the state and Ray persists it."""
@@ -229,14 +232,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict[str, Any]:
-        cfg = self.cfg
-        eval_shards = (
-            self.shards
-            if not cfg.data.eval
-            else ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s)
-        )
-        sync_buffers(self.model)
-        summary = final_summary(self, eval_shards)
+        summary = final_summary(self)
         self.log.log({"step": self.pos.global_step, "epoch": self.pos.epoch, "event": "final",
                       **{k: summary[k] for k in ("acc", "nmi", "ari")}})  # fmt: skip
         self.log.summary(summary)

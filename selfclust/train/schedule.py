@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 
 from selfclust.config import OptimConfig
@@ -22,6 +23,27 @@ def relabel_steps(total_steps: int, relabels: int, power: float = 2.0, start: in
     if start > 0:
         steps.add(start)
     return sorted(s for s in steps if 0 < s < total_steps)
+
+
+class RelabelSchedule:
+    """The label updates of a run: ``relabels`` over the ``steps`` of the clustering phase,
+    which starts at global step ``first_step``; the last ``manifold`` of them by UMAP + GMM."""
+
+    def __init__(
+        self, first_step: int, steps: int, relabels: int, power: float, start: float, manifold: int
+    ) -> None:
+        schedule = relabel_steps(steps, relabels, power, int(start * steps))
+        self.steps = sorted({first_step + s for s in schedule})
+        self.manifold = manifold
+
+    def due(self, step: int, labels_step: int) -> bool:
+        """A scheduled update at ``step`` that is not already in the bank."""
+        return step in self.steps and labels_step != step
+
+    def manifold_at(self, step: int) -> bool:
+        """Whether the update at ``step`` is one of the last ``manifold``."""
+        later = len(self.steps) - bisect.bisect_left(self.steps, step)
+        return later <= self.manifold
 
 
 # The step schedule divides the learning rate by 10 at each milestone (SeLa's, and every

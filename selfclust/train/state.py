@@ -91,3 +91,22 @@ class DataHealth:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counts = state.get("data_bad", self.counts).clone()
+
+
+def resumed_record(pos: TrainPosition, saved_world: int, world: int) -> dict[str, Any]:
+    """The metrics line of a resumed attempt. Steps after its checkpoint may already be in
+    metrics.jsonl from the lost attempt; this line marks where the resumed records start."""
+    record: dict[str, Any] = {
+        "step": pos.global_step,
+        "epoch": pos.epoch,
+        "event": "resumed",
+        "step_in_epoch": pos.step_in_epoch,
+    }
+    if saved_world != world:
+        # Elastic resume: the global batch, steps per epoch, LR and relabel schedules do not
+        # depend on the worker count, so the position carries over unchanged. Only the rest
+        # of this epoch is drawn from the new split (some of its samples may be seen twice,
+        # others not at all); later epochs are as in a fresh run of this size.
+        record.update(event="resumed_elastic", from_workers=saved_world)
+    record["workers"] = world
+    return record

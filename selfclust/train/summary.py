@@ -18,6 +18,7 @@ from selfclust.eval.scoring import BEST_HEAD_RULE, best_head, score_model
 from selfclust.labels.bank import LabelBank
 from selfclust.labels.label_pass import Embedded
 from selfclust.models.base import model_digest
+from selfclust.train.batches import sync_buffers
 
 if TYPE_CHECKING:
     from selfclust.train.loop import Trainer
@@ -97,9 +98,13 @@ def label_record(
     return record
 
 
-def final_summary(tr: Trainer, shards: ShardSet) -> dict[str, Any]:
-    """The run's summary: every head scored on ``shards`` (collective), the best head chosen
-    without ground truth, the digest, bad data met."""
+def final_summary(tr: Trainer) -> dict[str, Any]:
+    """The run's summary: every head scored on ``data.eval`` (default: the training shards;
+    collective, BatchNorm statistics synced first), the best head chosen without ground
+    truth, the digest, bad data met."""
+    cfg = tr.cfg
+    shards = ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s) if cfg.data.eval else tr.shards
+    sync_buffers(tr.model)
     result = score_model(
         tr.model,
         shards,

@@ -12,7 +12,8 @@ from selfclust.collectives import WORLD
 from selfclust.config import ModelConfig
 from selfclust.data.shardset import ShardSet
 from selfclust.data.streams import eval_batches
-from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels, sinkhorn_labels
+from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels
+from selfclust.labels.sinkhorn import sinkhorn_labels
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards
 
@@ -47,7 +48,7 @@ def label_pass(rank: int, world: int, shard_dir: str) -> dict:
         group=WORLD,
     )
     local, stats = sinkhorn_labels(
-        model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD
+        model.heads, emb.features, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD
     )
     bank = gather_bank(local, emb.idx, s.num_samples, group=WORLD)
     # k-means++ start and the early stop (not the defaults): the same at any rank count too
@@ -93,7 +94,9 @@ def test_label_pass_balanced_and_keyed_by_idx(shards: str) -> None:
     )
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(1))
     emb.features, emb.idx = emb.features[perm], emb.idx[perm]
-    local, _ = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD)
+    local, _ = sinkhorn_labels(
+        model.heads, emb.features, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD
+    )
     assert (gather_bank(local, emb.idx, 1797, group=WORLD) == out["bank"]).float().mean() >= 0.999
 
 
@@ -105,9 +108,11 @@ def test_recomputed_logits_give_the_stored_labels(shards: str) -> None:
     emb = embed(
         model.backbone, eval_batches(s, 0, 1, 128), torch.device("cpu"), None, 1797, group=WORLD
     )
-    stored, st = sinkhorn_labels(model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD)
+    stored, st = sinkhorn_labels(
+        model.heads, emb.features, lam=25.0, tol=1e-4, max_iters=2000, group=WORLD
+    )
     again, st2 = sinkhorn_labels(
-        model.heads, emb, lam=25.0, tol=1e-4, max_iters=2000, recompute=True, group=WORLD
+        model.heads, emb.features, lam=25.0, tol=1e-4, max_iters=2000, recompute=True, group=WORLD
     )
     assert torch.equal(again, stored) and st2.iterations == st.iterations
 

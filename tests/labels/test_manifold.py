@@ -179,8 +179,8 @@ def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
     its ids renamed to agree with the head's argmax as well as any renaming can (no swap of
     two ids agrees more); the next plain refresh is soft again. The test's 'embedding' is
     the 64 pixels (``embed_dim=64``)."""
-    from selfclust.labels.kmeans import global_sample
     from selfclust.labels.label_pass import Embedded
+    from selfclust.labels.sample import global_sample
 
     x, y = torch.from_numpy(digits[0]), digits[1]
     n = len(x)
@@ -257,8 +257,8 @@ def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray
     starts from them: DEC's centroids and DGG's GMM means are those means, DEPICT's first
     targets are the partition itself."""
     from selfclust.config import load_config
-    from selfclust.labels.kmeans import global_sample
     from selfclust.labels.label_pass import Embedded
+    from selfclust.labels.sample import global_sample
     from selfclust.methods.nets import build_cluster_net
     from selfclust.methods.registry import build_runner
 

@@ -123,7 +123,7 @@ def test_autoencoder_shapes_and_denoising_loss() -> None:
 def _ranks(rank: int, world: int, x: torch.Tensor) -> dict:
     """Rank r holds rows r, r+world, … (interleaved, as shards would split them)."""
     from selfclust.collectives import WORLD
-    from selfclust.labels.kmeans import sample_pool
+    from selfclust.labels.sample import sample_pool
 
     idx = torch.arange(rank, len(x), world)
     pool = sample_pool(x[idx], idx, len(x), 1000, 0, WORLD)  # DEC's first partition's sample
