@@ -80,9 +80,7 @@ def imagefolder(tree: Path, size: int, workers: int, batch: int) -> Iterable[tor
         [
             v2.RandomResizedCrop(size, scale=CFG.crop_scale, ratio=CFG.crop_ratio),
             v2.RandomHorizontalFlip(CFG.hflip),
-            v2.RandomApply(
-                [v2.ColorJitter(CFG.brightness, CFG.contrast, CFG.saturation)], p=CFG.jitter_p
-            ),
+            v2.RandomApply([v2.ColorJitter(CFG.jitter, CFG.jitter, CFG.jitter)], p=CFG.jitter_p),
             v2.RandomGrayscale(CFG.grayscale),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),

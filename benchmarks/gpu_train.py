@@ -61,6 +61,7 @@ from selfclust.labels.label_pass import random_bank  # noqa: E402
 from selfclust.shards.write import write_shards  # noqa: E402
 from selfclust.train.context import WorkerContext  # noqa: E402
 from selfclust.train.loop import Trainer  # noqa: E402
+from selfclust.train.optim import SGD_MOMENTUM  # noqa: E402
 
 CIFAR_ZIP = (
     Path(__file__).resolve().parents[2] / "shared/data/cifar10_test_jpeg/cifar10_test_jpeg.zip"
@@ -108,7 +109,7 @@ def main() -> None:
         data = args.data or str(default_shards(tmp))
         cfg = build_config(
             {
-                "data": {"train": data, "image_size": args.image_size, "loader_workers": -1},
+                "data": {"train": data, "image_size": args.image_size},
                 "model": {"arch": "resnet50", "small_stem": False},
                 "method": {"heads": args.heads, "clusters": args.clusters, "init": "random"},
                 "optim": {"batch_size": args.batch},
@@ -240,7 +241,7 @@ def _supervised(cfg: Any, device: torch.device, compile_model: bool):  # type: i
     net = torch.compile(model) if compile_model else model
     o = cfg.optim
     opt = torch.optim.SGD(
-        model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        model.parameters(), lr=o.lr, momentum=SGD_MOMENTUM, weight_decay=o.weight_decay
     )
 
     def step(images: torch.Tensor, idx: torch.Tensor, cls: torch.Tensor) -> None:

@@ -37,6 +37,7 @@ from selfclust.labels.label_pass import random_bank  # noqa: E402
 from selfclust.shards.write import write_shards  # noqa: E402
 from selfclust.train.context import WorkerContext  # noqa: E402
 from selfclust.train.loop import Trainer  # noqa: E402
+from selfclust.train.optim import SGD_MOMENTUM
 
 
 def sync(device: torch.device) -> None:
@@ -85,7 +86,7 @@ def main() -> None:
         bare = copy.deepcopy(tr.model)
         o = cfg.optim
         opt = torch.optim.SGD(
-            bare.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+            bare.parameters(), lr=o.lr, momentum=SGD_MOMENTUM, weight_decay=o.weight_decay
         )
         x = augment(images, idx, cfg.augment, cfg.seed, 0, tr.size)
         y = tr.bank.lookup(idx).to(device)

@@ -150,7 +150,9 @@ def _init_ray(cfg: RunConfig) -> None:
         ray.init(address=cfg.ray.address)
         return
     need = max(1, cfg.trainer.num_workers) * cfg.trainer.cpus_per_worker
-    num_cpus = cfg.ray.num_cpus or max(need, os.cpu_count() or 1)
+    # The machine's CPUs, or the workers' total if more (Ray then oversubscribes; to cap a
+    # local cluster, start it with `ray start --head --num-cpus N` and set ray.address).
+    num_cpus = max(need, os.cpu_count() or 1)
     # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
     # address="local": always a new cluster of our own, never one another process left behind.
     try:

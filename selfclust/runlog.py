@@ -42,7 +42,6 @@ def _wandb_run(cfg: RunConfig, wandb_id: str, run_dir: Path, **kwargs: Any) -> A
 
     return wandb.init(
         project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
         id=wandb_id,
         resume="allow",
         mode=cfg.wandb.mode,

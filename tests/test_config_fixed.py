@@ -22,7 +22,7 @@ def test_the_table_holds_the_codes_values() -> None:
     from selfclust.labels import kmeans, label_pass, manifold
     from selfclust.methods import dec, depict, graph, sela
     from selfclust.models.selflabel import SmallResNet
-    from selfclust.train import preemption, schedule
+    from selfclust.train import optim, preemption, schedule
 
     code = {
         "model.blocks": _default(SmallResNet, "blocks"),
@@ -43,6 +43,11 @@ def test_the_table_holds_the_codes_values() -> None:
         "method.target_power": _default(depict.balanced_target, "power"),
         "method.recon_hidden_weight": depict.HIDDEN_RECON_WEIGHT,
         "method.sigma_rank": _default(graph.similarity_weights, "sigma_rank"),
+        "method.manifold_neighbors": manifold.UMAP_NEIGHBORS,
+        "data.loader_workers": -1,  # train/batches.py: trainer.cpus_per_worker - 1
+        "optim.momentum": optim.SGD_MOMENTUM,
+        "ray.num_cpus": None,  # launch.py: the machine's CPUs, or the workers' total if more
+        "wandb.entity": None,  # runlog.py: wandb reads WANDB_ENTITY
         "optim.nesterov": False,  # train/optim.py builds SGD without it
         "optim.gamma": schedule.STEP_GAMMA,
         "trainer.preemption_check_every": preemption.CHECK_EVERY,
@@ -52,6 +57,7 @@ def test_the_table_holds_the_codes_values() -> None:
     assert set(code) == set(FIXED)
     for key, value in code.items():
         assert FIXED[key].value == value, key
+    assert _default(manifold.manifold_labels, "neighbors") == manifold.UMAP_NEIGHBORS
     assert _default(dec.best_centroids, "niter") == kmeans.LLOYD_ITERS
     assert _default(label_pass.kmeans_labels, "niter") == kmeans.LLOYD_ITERS
 
@@ -76,6 +82,8 @@ def test_thumbnails_are_at_most_16_pixels_and_never_upsampled() -> None:
         ("method.pixels=unit", "dgg"),
         ("optim.gamma=0.1", "sela"),
         ("checkpoint.after_relabel=true", "dgg"),
+        ("optim.momentum=0.9", "dec"),
+        ("data.loader_workers=-1", "sela"),
     ],
 )
 def test_a_fixed_key_at_its_value_loads_with_a_warning(override: str, method: str) -> None:
@@ -93,6 +101,9 @@ def test_a_fixed_key_at_its_value_loads_with_a_warning(override: str, method: st
         ("method.heads=3", "dgg", ["method.name=dgg has no method.heads", "fixed at 1"]),
         ("optim.nesterov=true", "sela", ["optim.nesterov", "fixed at False"]),
         ("trainer.preemption_check_every=0", "dec", ["fixed at 10"]),
+        ("data.loader_workers=4", "sela", ["cpus_per_worker - 1"]),
+        ("ray.num_cpus=8", "sela", ["ray start --head --num-cpus N", "ray.address"]),
+        ("wandb.entity=me", "dgg", ["WANDB_ENTITY"]),
     ],
 )
 def test_a_fixed_key_at_another_value_is_an_error(
@@ -117,3 +128,32 @@ def test_saved_configs_of_older_runs() -> None:
     sela = defaults("sela").to_dict()
     sela["method"]["alpha"] = 2.0  # a DEC key that SeLa never read
     assert RunConfig.model_validate(sela).to_dict() == defaults("sela").to_dict()
+
+    # Removed keys that only say how a run is run, and the old default of a derived one,
+    # load whatever their value: the run computes the same.
+    sela["data"]["loader_workers"] = 0
+    sela["ray"]["num_cpus"] = 8
+    sela["wandb"]["entity"] = "me"
+    assert RunConfig.model_validate(sela).to_dict() == defaults("sela").to_dict()
+    sela["data"]["loader_workers"] = 3  # another data order than cpus_per_worker - 1 gives
+    with pytest.raises(ValidationError, match="data.loader_workers"):
+        RunConfig.model_validate(sela)
+
+
+def test_jitter_is_one_key_for_brightness_contrast_and_saturation() -> None:
+    """The three jitter strengths became augment.jitter: agreeing old keys load (with a
+    warning), disagreeing ones are an error naming the new key; an older run dir's saved
+    config takes its brightness."""
+    with pytest.warns(RemovedKeyWarning, match="augment.jitter"):
+        cfg = load_config(
+            None, [f"augment.{k}=0.3" for k in ("brightness", "contrast", "saturation")]
+        )
+    assert cfg.augment.jitter == 0.3
+    with pytest.raises(ConfigError, match="augment.saturation=0.0.*augment.jitter"):
+        load_config(None, ["augment.saturation=0.0"])  # the old grey-digit recipes' line
+    with pytest.raises(ConfigError, match="augment.jitter"):
+        load_config(None, ["augment.jitter=0.2", "augment.brightness=0.4"])
+    old = defaults("sela").to_dict()
+    del old["augment"]["jitter"]
+    old["augment"].update(brightness=0.4, contrast=0.4, saturation=0.0)
+    assert RunConfig.model_validate(old).to_dict() == defaults("sela").to_dict()

@@ -10,6 +10,7 @@ code.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,15 @@ class Fixed:
     where: str  # the module that holds it
     why: str
     methods: tuple[str, ...] = ()  # the methods that read it (empty: all)
+    # Values a run dir or checkpoint written before the removal may hold: they load (a
+    # resolved config, not a person's), since the key's old default now means the rule.
+    legacy: tuple[Any, ...] = ()
 
 
 SELA = ("sela",)
+# Sections that say how a run is run, not what it computes: an older run dir that set one of
+# their removed keys to another value still resumes.
+HOW_RUN = ("trainer", "checkpoint", "ray", "wandb")
 
 FIXED: dict[str, Fixed] = {
     "model.blocks": Fixed(1, "selfclust/models/selflabel.py", "small_resnet has one "
@@ -77,6 +84,20 @@ FIXED: dict[str, Fixed] = {
                                         ("depict",)),
     "method.sigma_rank": Fixed(None, "selfclust/methods/graph.py", "DGG's σ_i is the distance "
                                "to the k-th neighbour (method.knn_k)", ("dgg",)),
+    "method.manifold_neighbors": Fixed(20, "selfclust/labels/manifold.py", "UMAP's "
+                                       "n_neighbors; every shipped recipe ran with 20"),
+    "data.loader_workers": Fixed(-1, "selfclust/train/batches.py", "derived: "
+                                 "trainer.cpus_per_worker - 1 DataLoader processes per rank "
+                                 "(the CPUs Ray reserves for the worker, less the training "
+                                 "process); raise trainer.cpus_per_worker for more",
+                                 legacy=(0,)),
+    "optim.momentum": Fixed(0.9, "selfclust/train/optim.py", "SGD momentum 0.9, as SeLa and "
+                            "every shipped SGD recipe"),
+    "ray.num_cpus": Fixed(None, "selfclust/launch.py", "derived: a local cluster gets the "
+                          "machine's CPUs, or the workers' total if more; to cap it, start "
+                          "one with `ray start --head --num-cpus N` and set ray.address"),
+    "wandb.entity": Fixed(None, "selfclust/runlog.py", "wandb reads the team or user from "
+                          "the WANDB_ENTITY environment variable (default: the API key's)"),
     "optim.nesterov": Fixed(False, "selfclust/train/optim.py", "SGD with plain momentum, as "
                             "SeLa"),
     "optim.gamma": Fixed(0.1, "selfclust/train/schedule.py", "the step schedule divides the "
@@ -111,3 +132,41 @@ def fixed_error(key: str, value: Any, entry: Fixed, method: str) -> str:
         f"{key}={value!r}: {not_a_key(key, method)}: it is {shown} in {entry.where} "
         f"({entry.why}); delete it"
     )
+
+
+# Keys merged into one: the new key and the old keys it replaced.
+MERGED = {"augment.jitter": ("augment.brightness", "augment.contrast", "augment.saturation")}
+_JITTER_DEFAULT = 0.4  # the old keys' default, and augment.jitter's
+
+
+def merge_keys(tree: dict[str, Any], strict: bool) -> str | None:
+    """Replace merged keys in ``tree`` (in place); return an error, or None.
+
+    A person's config (``strict``) whose old keys agree (with each other, an unset one at
+    its default, and with the new key if it is set) loads with a :class:`RemovedKeyWarning`;
+    disagreeing ones are an error naming the new key. A resolved config (an older run dir) takes the first old key: every
+    shipped recipe's brightness was its contrast, and saturation acts on colour images only.
+    """
+    for new, olds in MERGED.items():
+        section, new_key = new.split(".")
+        keys = tree.get(section)
+        if not isinstance(keys, dict):
+            continue
+        given = {old: keys.pop(old.split(".")[1]) for old in olds if old.split(".")[1] in keys}
+        if not given:
+            continue
+        first = next(iter(given.values()))
+        if not strict:
+            keys.setdefault(new_key, first)
+            continue
+        values = [given.get(old, _JITTER_DEFAULT) for old in olds]  # an unset one: its default
+        target = keys.get(new_key, values[0])
+        if any(v != target for v in values):
+            shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            return (f"{shown}: these are one key now, {new}, the strength of brightness, "
+                    f"contrast and saturation together (saturation acts on colour images "
+                    f"only); set {new} instead")  # fmt: skip
+        warnings.warn(f"{', '.join(given)}: now one key, {new}: replace them by "
+                      f"{new}: {target!r}", RemovedKeyWarning, stacklevel=4)  # fmt: skip
+        keys[new_key] = target
+    return None

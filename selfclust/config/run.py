@@ -18,7 +18,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from selfclust.config.fixed import FIXED, RemovedKeyWarning, fixed_error, not_a_key, reads
+from selfclust.config.fixed import (
+    FIXED,
+    HOW_RUN,
+    RemovedKeyWarning,
+    fixed_error,
+    merge_keys,
+    not_a_key,
+    reads,
+)
 from selfclust.config.method_base import METHODS
 from selfclust.config.methods import BY_NAME, MethodConfig, SelaMethod, key_owners
 from selfclust.config.sections import (
@@ -135,6 +143,9 @@ def resolve_keys(tree: dict[str, Any], strict: bool) -> dict[str, Any]:
     name = method.setdefault("name", "sela")
     if name not in METHODS:
         raise ConfigError(f"method.name={name!r}: choose one of {', '.join(METHODS)}")
+    merged = merge_keys(tree, strict)
+    if merged:
+        raise ConfigError(merged)
     for section, keys in list(tree.items()):
         if not isinstance(keys, dict):
             continue
@@ -151,7 +162,9 @@ def resolve_keys(tree: dict[str, Any], strict: bool) -> dict[str, Any]:
                         RemovedKeyWarning,
                         stacklevel=3,
                     )
-            elif strict or reads(entry, name):  # a saved run that used another value
+            elif strict or (
+                reads(entry, name) and value not in entry.legacy and section not in HOW_RUN
+            ):  # an older run dir: what defines the run must still mean the same
                 raise ConfigError(fixed_error(dotted, value, entry, name))
     for key in list(method):
         owners = key_owners(key)

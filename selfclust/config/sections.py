@@ -49,12 +49,6 @@ class DataConfig(_Section):
         "the crops' size, required there); null: the shards' own size, which all images must "
         "then share",
     )
-    loader_workers: int = Field(
-        0,
-        ge=-1,
-        description="DataLoader processes per rank that read and decode shards; 0: in the "
-        "training process; -1: trainer.cpus_per_worker - 1. Raise it when the GPU waits on data",
-    )
     shuffle_buffer: int = Field(
         2000,
         ge=0,
@@ -117,23 +111,11 @@ class AugmentConfig(_Section):
         description="probability of a horizontal flip (0 for digits and text)",
         json_schema_extra=_for("sela", "depict"),
     )
-    brightness: float = Field(
+    jitter: float = Field(
         0.4,
         ge=0,
-        description="colour jitter: brightness factor drawn in [1 - b, 1 + b]",
-        json_schema_extra=_for("sela", "depict"),
-    )
-    contrast: float = Field(
-        0.4,
-        ge=0,
-        description="colour jitter: contrast factor drawn in [1 - c, 1 + c]",
-        json_schema_extra=_for("sela", "depict"),
-    )
-    saturation: float = Field(
-        0.4,
-        ge=0,
-        description="colour jitter: saturation factor drawn in [1 - s, 1 + s] (no effect on grey "
-        "images)",
+        description="colour jitter strength j: brightness, contrast and saturation factors each "
+        "drawn in [1 - j, 1 + j] (saturation: colour images only)",
         json_schema_extra=_for("sela", "depict"),
     )
     grayscale: float = Field(
@@ -147,8 +129,7 @@ class AugmentConfig(_Section):
         0.8,
         ge=0,
         le=1,
-        description="probability that the colour jitter (brightness, contrast, saturation) is "
-        "applied at all",
+        description="probability that the colour jitter (augment.jitter) is applied at all",
         json_schema_extra=_for("sela", "depict"),
     )
     where: Literal["device", "loader"] = Field(
@@ -172,7 +153,7 @@ class AugmentConfig(_Section):
 class OptimConfig(_Section):
     name: Literal["sgd", "adam"] = Field(
         "sgd",
-        description="optimiser: SGD (optim.momentum) or Adam; dec/depict/dgg: "
+        description="optimiser: SGD (momentum 0.9) or Adam; dec/depict/dgg: "
         "of the clustering phase (pretraining uses Adam at method.pretrain_lr)",
     )
     epochs: int = Field(
@@ -193,7 +174,6 @@ class OptimConfig(_Section):
         description="peak learning rate; scale it with the batch (× batch_size / 256) when "
         "scaling out",
     )
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(1e-5, ge=0, description="L2 weight decay (SGD and Adam)")
     schedule: Literal["step", "cosine", "constant"] = Field(
         "step",
@@ -230,8 +210,9 @@ class TrainerConfig(_Section):
     cpus_per_worker: int = Field(
         1,
         ge=1,
-        description="CPUs Ray reserves per worker, its DataLoader processes included (see "
-        "data.loader_workers=-1)",
+        description="CPUs Ray reserves per worker: the training process and "
+        "cpus_per_worker - 1 DataLoader processes that read and decode shards (raise it when "
+        "the GPU waits on data)",
     )
     max_failures: int = Field(
         3,
@@ -280,11 +261,6 @@ class RayConfig(_Section):
         description="Ray Train's storage (a path every node sees, or an s3:// / gs:// URI); "
         "null: RUN_DIR/ray",
     )
-    num_cpus: int | None = Field(
-        None,
-        ge=1,
-        description="CPUs of a local cluster; null: the machine's, or the workers' total if more",
-    )
 
 
 class WandbConfig(_Section):
@@ -293,6 +269,7 @@ class WandbConfig(_Section):
         description="W&B logging: offline (into RUN_DIR/wandb, for `wandb sync`), online (needs "
         "WANDB_API_KEY), or disabled",
     )
-    project: str = Field("selfclust", description="W&B project")
-    entity: str | None = Field(None, description="W&B team or user; null: the API key's default")
+    project: str = Field(
+        "selfclust", description="W&B project (the team or user: WANDB_ENTITY, or the API key's)"
+    )
     tags: list[str] = Field(default_factory=list, description="W&B run tags")

@@ -80,9 +80,9 @@ def _params(cfg: AugmentConfig, seed: int, epoch: int, idx: np.ndarray, view: in
         ty = (1 - sy) * (2 * u[4] - 1)
         flip = -1.0 if u[5] < cfg.hflip else 1.0
         jit = 1.0 if u[6] < cfg.jitter_p else 0.0
-        b = 1 + cfg.brightness * (2 * u[7] - 1)
-        c = 1 + cfg.contrast * (2 * u[8] - 1)
-        s = 1 + cfg.saturation * (2 * u[9] - 1)
+        b = 1 + cfg.jitter * (2 * u[7] - 1)
+        c = 1 + cfg.jitter * (2 * u[8] - 1)
+        s = 1 + cfg.jitter * (2 * u[9] - 1)
         gray = 1.0 if u[10] < cfg.grayscale else 0.0
         out[row] = (sx, sy, angle, tx, ty, flip, jit, b, c, s, gray)
     return out

@@ -31,6 +31,10 @@ from selfclust.labels.sample import global_sample, sample_pool
 from selfclust.seeds import candidate_seed
 from selfclust.threads import keep_torch_threads
 
+# UMAP's n_neighbors (UMAP's own default is 15): every shipped recipe and every figure in
+# docs/results.md ran with 20, and no shipped config set another value.
+UMAP_NEIGHBORS = 20
+
 Select = Literal["silhouette", "consensus"]  # how cluster_pool picks among candidates
 
 
@@ -38,7 +42,7 @@ def cluster_pool(
     x: np.ndarray,
     k: int,
     seed: int,
-    neighbors: int = 20,
+    neighbors: int = UMAP_NEIGHBORS,
     dim: int = 10,
     restarts: int = 3,
     candidates: int = 1,
@@ -187,7 +191,7 @@ def manifold_labels(
     samples: int,
     seed: int,
     num_samples: int,
-    neighbors: int = 20,
+    neighbors: int = UMAP_NEIGHBORS,
     dim: int = 10,
     restarts: int = 3,
     candidates: int = 1,
@@ -225,7 +229,7 @@ def pool_labels(
     heads: int,
     clusters: int,
     seed: int,
-    neighbors: int = 20,
+    neighbors: int = UMAP_NEIGHBORS,
     dim: int = 10,
     restarts: int = 3,
     candidates: int = 1,

@@ -25,8 +25,8 @@ class RankData:
     def __post_init__(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
         # DataLoader workers: explicit, or the CPUs Ray gives this worker minus the main one.
-        lw = cfg.data.loader_workers
-        self.loader_workers = lw if lw >= 0 else max(0, t.cpus_per_worker - 1)
+        # The CPUs Ray reserves for this worker, less the training process, read and decode.
+        self.loader_workers = max(0, t.cpus_per_worker - 1)
         self.local_batch = cfg.optim.batch_size // self.world_size  # the global batch, split
         self.steps_per_epoch = steps_per_epoch(self.num_samples, self.world_size, self.local_batch)
 

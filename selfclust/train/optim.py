@@ -8,6 +8,9 @@ from torch import nn
 from selfclust.config import PretrainedMethod, RunConfig
 from selfclust.train.schedule import lr_at
 
+# SGD's momentum: 0.9, as SeLa and every shipped SGD recipe (plain momentum, no Nesterov).
+SGD_MOMENTUM = 0.9
+
 Optimizers = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]
 
 
@@ -27,7 +30,7 @@ def build_optimizer(model: nn.Module, phase: str, cfg: RunConfig, cluster_steps:
         optimizer = torch.optim.SGD(
             params,
             lr=o.lr,
-            momentum=o.momentum,  # plain momentum, as SeLa (no Nesterov)
+            momentum=SGD_MOMENTUM,
             weight_decay=o.weight_decay,
         )
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -213,7 +213,7 @@ def test_augmented_inputs_in_the_nets_pixel_convention(pixels: str) -> None:
     images = torch.from_numpy((digits()[0][:32].astype(np.int64) * 255 // 16).astype(np.uint8))
     images = images.reshape(-1, 1, 8, 8)
     idx = torch.arange(100, 132)
-    off = dict(hflip=0, brightness=0, contrast=0, saturation=0, jitter_p=0, grayscale=0)
+    off = dict(hflip=0, jitter=0, jitter_p=0, grayscale=0)
     same = AugmentConfig(crop_scale=(1, 1), crop_ratio=(1, 1), **off)
     torch.testing.assert_close(
         net.augmented_inputs(images, idx, same, 0, 0), net.inputs(images), atol=1e-5, rtol=0
