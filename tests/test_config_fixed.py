@@ -43,7 +43,6 @@ def test_the_table_holds_the_codes_values() -> None:
         "method.target_power": _default(depict.balanced_target, "power"),
         "method.recon_hidden_weight": depict.HIDDEN_RECON_WEIGHT,
         "method.sigma_rank": _default(graph.similarity_weights, "sigma_rank"),
-        "method.manifold_neighbors": manifold.UMAP_NEIGHBORS,
         "data.loader_workers": -1,  # train/batches.py: trainer.cpus_per_worker - 1
         "optim.momentum": optim.SGD_MOMENTUM,
         "ray.num_cpus": None,  # launch.py: the machine's CPUs, or the workers' total if more
@@ -57,7 +56,6 @@ def test_the_table_holds_the_codes_values() -> None:
     assert set(code) == set(FIXED)
     for key, value in code.items():
         assert FIXED[key].value == value, key
-    assert _default(manifold.manifold_labels, "neighbors") == manifold.UMAP_NEIGHBORS
     assert _default(dec.best_centroids, "niter") == kmeans.LLOYD_ITERS
     assert _default(label_pass.kmeans_labels, "niter") == kmeans.LLOYD_ITERS
 

@@ -84,8 +84,6 @@ FIXED: dict[str, Fixed] = {
                                         ("depict",)),
     "method.sigma_rank": Fixed(None, "selfclust/methods/graph.py", "DGG's σ_i is the distance "
                                "to the k-th neighbour (method.knn_k)", ("dgg",)),
-    "method.manifold_neighbors": Fixed(20, "selfclust/labels/manifold.py", "UMAP's "
-                                       "n_neighbors; every shipped recipe ran with 20"),
     "data.loader_workers": Fixed(-1, "selfclust/train/batches.py", "derived: "
                                  "trainer.cpus_per_worker - 1 DataLoader processes per rank "
                                  "(the CPUs Ray reserves for the worker, less the training "
@@ -144,8 +142,9 @@ def merge_keys(tree: dict[str, Any], strict: bool) -> str | None:
 
     A person's config (``strict``) whose old keys agree (with each other, an unset one at
     its default, and with the new key if it is set) loads with a :class:`RemovedKeyWarning`;
-    disagreeing ones are an error naming the new key. A resolved config (an older run dir) takes the first old key: every
-    shipped recipe's brightness was its contrast, and saturation acts on colour images only.
+    disagreeing ones are an error naming the new key. A resolved config (an older run dir)
+    takes the first old key: every shipped recipe's brightness was its contrast, and
+    saturation acts on colour images only.
     """
     for new, olds in MERGED.items():
         section, new_key = new.split(".")

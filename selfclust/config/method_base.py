@@ -54,6 +54,9 @@ class MethodBase(BaseModel):
         description="samples (over all ranks) that k-means and UMAP + GMM cluster; the other "
         "rows get their nearest centroid or a k-NN vote",
     )
+    manifold_neighbors: int = Field(
+        20, ge=2, description="UMAP n_neighbors of every UMAP + GMM clustering"
+    )
     # Only for the first labels: on features trained on labels, the silhouette favours those
     # labels (docs/methods.md).
     manifold_init_candidates: int = Field(

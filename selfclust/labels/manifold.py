@@ -31,8 +31,7 @@ from selfclust.labels.sample import global_sample, sample_pool
 from selfclust.seeds import candidate_seed
 from selfclust.threads import keep_torch_threads
 
-# UMAP's n_neighbors (UMAP's own default is 15): every shipped recipe and every figure in
-# docs/results.md ran with 20, and no shipped config set another value.
+# UMAP's n_neighbors by default (method.manifold_neighbors; UMAP's own default is 15).
 UMAP_NEIGHBORS = 20
 
 Select = Literal["silhouette", "consensus"]  # how cluster_pool picks among candidates

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from selfclust import collectives as C
 from selfclust.config import DepictMethod, RunConfig
 from selfclust.labels.label_pass import Embedded
-from selfclust.labels.manifold import UMAP_NEIGHBORS, extend_labels, pool_labels
+from selfclust.labels.manifold import extend_labels, pool_labels
 from selfclust.labels.sample import sample_pool
 from selfclust.methods import depict
 from selfclust.methods.nets import ClusterNet, DEPICTModel
@@ -101,7 +101,7 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
             current = self.model.scores(pool).argmax(1).cpu()
         seed, k = manifold_seed, m.clusters
         labels = pool_labels(
-            pool, 1, k, seed, UMAP_NEIGHBORS, align_to=current[None], group=C.WORLD
+            pool, 1, k, seed, m.manifold_neighbors, align_to=current[None], group=C.WORLD
         )
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, seed, k)[0]
         self.hard = True

@@ -32,7 +32,7 @@ from selfclust.data.streams import Batches
 from selfclust.labels.bank import LabelBank
 from selfclust.labels.kmeans import assign
 from selfclust.labels.label_pass import Embedded, embed
-from selfclust.labels.manifold import UMAP_NEIGHBORS, extend_labels, pool_labels
+from selfclust.labels.manifold import extend_labels, pool_labels
 from selfclust.labels.sample import sample_pool
 from selfclust.methods import dec
 from selfclust.methods.base import LabelUpdate, Method
@@ -198,7 +198,7 @@ class MethodRunner(Method, Generic[M]):
                 pool, m.clusters, m.kmeans_restarts, self.cfg.seed, group=C.WORLD
             )
             return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
-        labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, UMAP_NEIGHBORS,
+        labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
                              candidates=m.manifold_init_candidates, group=C.WORLD)  # fmt: skip
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, self.cfg.seed,
                             m.clusters)[0]  # fmt: skip

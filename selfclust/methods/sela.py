@@ -159,6 +159,7 @@ class SeLa(Method):
             m.kmeans_samples,
             seed,
             self.n,
+            neighbors=m.manifold_neighbors,
             candidates=m.manifold_init_candidates if initial else 1,
             l2_normalize=not pixels,
             align_to=None if initial else bank.labels,

@@ -141,7 +141,7 @@ def _depict_runner(samples: int) -> Any:
     from selfclust.methods.registry import build_runner
 
     over = ["method.name=depict", "method.clusters=10", "method.embed_dim=64",
-            f"method.kmeans_samples={samples}",
+            "method.manifold_neighbors=15", f"method.kmeans_samples={samples}",
             "method.kmeans_restarts=2"]  # fmt: skip
     cfg = load_config(None, over)
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def _rank(rank: int, world: int, x: torch.Tensor, samples: int) -> torch.Tensor:
     from selfclust.labels.label_pass import Embedded
 
     idx = torch.arange(len(x))[rank::world]
-    out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), group=WORLD)
+    out = manifold_labels(x[idx], idx, 1, 10, samples, 3, len(x), neighbors=15, group=WORLD)
     emb = Embedded(features=x[idx], idx=idx, cls=torch.full_like(idx, -1))
     refreshed, _ = _depict_runner(samples).refresh(emb, manifold_seed=5)
     return torch.stack([idx, out[0], refreshed[0]])
@@ -190,7 +190,9 @@ def test_depict_manifold_refresh(digits: tuple[np.ndarray, np.ndarray]) -> None:
     labels, record = runner.refresh(emb, manifold_seed=5)
     got = labels[0].numpy()
     assert runner.hard and record["labeller"] == "manifold"
-    expect = manifold_labels(x, emb.idx, 1, 10, 1200, 5, n, l2_normalize=False, group=WORLD)
+    expect = manifold_labels(
+        x, emb.idx, 1, 10, 1200, 5, n, neighbors=15, l2_normalize=False, group=WORLD
+    )
     pairs = set(zip(expect[0].tolist(), got.tolist(), strict=True))
     assert len(pairs) == 10  # the same partition, renamed one to one
     assert clustering_scores(y, got)["acc"] > 0.85
@@ -262,12 +264,13 @@ def test_cluster_init_manifold(method: str, digits: tuple[np.ndarray, np.ndarray
 
     x, y = torch.from_numpy(digits[0]), digits[1]
     over = [f"method.name={method}", "method.clusters=10", "method.embed_dim=64",
-            "method.cluster_init=manifold",             "method.kmeans_samples=1200"]  # fmt: skip
+            "method.cluster_init=manifold", "method.manifold_neighbors=15",
+            "method.kmeans_samples=1200"]  # fmt: skip
     cfg = load_config(None, over)
     runner = build_runner(cfg, build_cluster_net(cfg, 1, 8), len(x))
     emb = Embedded(features=x, idx=torch.arange(len(x)), cls=torch.from_numpy(y))
     mu, pool, pool_labels, own = runner._partition(emb)
-    expect = manifold_labels(x, emb.idx, 1, 10, 1200, cfg.seed, len(x),
+    expect = manifold_labels(x, emb.idx, 1, 10, 1200, cfg.seed, len(x), neighbors=15,
                              l2_normalize=False, group=WORLD)[0]  # fmt: skip
     assert torch.equal(own, expect)
     assert torch.equal(pool_labels, own[global_sample(len(x), 1200, cfg.seed)[1]])

@@ -169,6 +169,7 @@ def test_dgg_and_depict_resume_exactly(digits, tmp_path: Path) -> None:
             "method.pretrain_epochs=0",
             *common,
             "method.manifold_relabels=1",
+            "method.manifold_neighbors=15",
             *DIGIT_AUGMENT,  # per (seed, epoch, sample): the same views after a resume
         ],
     }
@@ -266,6 +267,7 @@ def test_short_depict_run_on_mnist(tmp_path: Path) -> None:
         "optim.name=adam",
         "optim.lr=1e-4",
         "method.manifold_relabels=1",
+        "method.manifold_neighbors=15",
     ]
     out = run_ranks(run_rank, 1, tmp_path / "run", str(tmp_path / "shards"), str(tmp_path), over,
                     None)  # fmt: skip
