@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -140,6 +141,15 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     train_loop(cfg, ctx)
 
 
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _init_ray(cfg: RunConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
@@ -154,9 +164,17 @@ def _init_ray(cfg: RunConfig) -> None:
     # local cluster, start it with `ray start --head --num-cpus N` and set ray.address).
     num_cpus = max(need, os.cpu_count() or 1)
     # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+    # Left to find it, the cleaner reads /tmp/ray/ray_current_cluster, which `ray start` and
+    # test clusters write and a killed one leaves behind: pointed at a dead cluster, each
+    # fit() then waited 12 s at its end (the cleaner's stop timeout) and the cleaner stopped
+    # guarding the run; pointed at a live one, it would watch the wrong cluster. So our own
+    # cluster's dashboard gets a known port, and every process of it (they inherit the
+    # driver's environment) the address.
+    port = _free_port()
+    os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
     # address="local": always a new cluster of our own, never one another process left behind.
     try:
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, dashboard_port=port, log_to_driver=True)
     except Exception as e:
         # A half-started local node (e.g. the GCS timing out on an overloaded machine) keeps
         # its processes, and the driver would wait on them: stop them, then fail clearly.

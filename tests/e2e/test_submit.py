@@ -118,3 +118,7 @@ def test_submit_runs_job_on_real_cluster(digits_npz: Path, tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
+        # `ray start` records its address for later drivers; a terminated head leaves it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()
