@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from selfclust.config import RunConfig, diff_configs
+from selfclust.errors import UserError
 
 STATE_FILE = "state.pt"
 DIGEST_FILE = "state.sha256"
@@ -41,7 +42,7 @@ class Position:
     labels_step: int = -1
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(UserError, ValueError):
     pass
 
 

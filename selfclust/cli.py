@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfclust.config import ConfigError
+    from selfclust.errors import UserError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args))
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (UserError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"selfclust {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from selfclust.config import RunConfig
+from selfclust.errors import ERROR_LOG, UserError
 from selfclust.rundir import finished_summary, run_identity, write_summary
 
 
@@ -138,7 +141,39 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         run_dir=Path(payload["run_dir"]),
         wandb_id=payload["wandb_id"],
     )
-    train_loop(cfg, ctx)
+    try:
+        train_loop(cfg, ctx)
+    except UserError:
+        _log_user_error(ctx.run_dir, ctx.rank)
+        raise
+
+
+def _log_user_error(run_dir: Path, rank: int) -> None:
+    """The traceback of this rank's user error, appended to the run dir's error log."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with open(run_dir / ERROR_LOG, "a") as f:
+        f.write(f"--- {stamp} rank {rank}\n{traceback.format_exc()}\n")
+
+
+def _stop_on_user_error() -> Any:
+    """A Ray Train callback on the controller: a worker's :class:`UserError` is raised there,
+    which ends the run at once (Ray Train retries worker failures, never controller errors)."""
+    from ray.train import UserCallback
+
+    class StopOnUserError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            for _, error in sorted(worker_exceptions.items()):
+                if isinstance(error, UserError):
+                    raise error
+
+    return StopOnUserError()
+
+
+def _user_error(error: BaseException) -> UserError | None:
+    """The worker's user error that ended a run, if one did (Ray wraps it)."""
+    while error is not None and not isinstance(error, UserError):
+        error = getattr(error, "controller_failure", None) or error.__cause__  # type: ignore[assignment]
+    return error
 
 
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -163,13 +198,10 @@ def _init_ray(cfg: RunConfig) -> None:
     # The machine's CPUs, or the workers' total if more (Ray then oversubscribes; to cap a
     # local cluster, start it with `ray start --head --num-cpus N` and set ray.address).
     num_cpus = max(need, os.cpu_count() or 1)
-    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-    # Left to find it, the cleaner reads /tmp/ray/ray_current_cluster, which `ray start` and
-    # test clusters write and a killed one leaves behind: pointed at a dead cluster, each
-    # fit() then waited 12 s at its end (the cleaner's stop timeout) and the cleaner stopped
-    # guarding the run; pointed at a live one, it would watch the wrong cluster. So our own
-    # cluster's dashboard gets a known port, and every process of it (they inherit the
-    # driver's environment) the address.
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls; left
+    # to find it, the cleaner reads /tmp/ray/ray_current_cluster, which a killed `ray start`
+    # leaves behind (a dead cluster: each fit() waited 12 s at its end, the run unguarded).
+    # So the dashboard gets a known port, and every process of the cluster its address.
     port = _free_port()
     os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
     # address="local": always a new cluster of our own, never one another process left behind.
@@ -244,11 +276,18 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
                 max_failures=t.max_failures, max_preemption_failures=t.max_preemptions
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            callbacks=[_stop_on_user_error()],
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as e:  # a worker's user error: one line (cli), the traceback logged
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise type(user)(f"{user} (traceback: {run_dir / ERROR_LOG})") from None
     metrics = result.metrics or {}
     if result.checkpoint is None or "summary" not in metrics:
         raise RuntimeError(f"training ended without a final checkpoint; see {storage}")

@@ -41,9 +41,10 @@ from selfclust.config.sections import (
     _for,
     _Section,
 )
+from selfclust.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key."""
 
 

@@ -35,13 +35,15 @@ from typing import BinaryIO
 
 from webdataset.shardlists import expand_urls
 
+from selfclust.errors import UserError
+
 MANIFEST = "manifest.json"
 DEFAULT_TIMEOUT_S = 30.0
 _TOKEN = re.compile(r"[^\s/]*\{[^\s/]*")  # the file-name token holding a brace pattern
 _RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 
 
-class ShardNotFound(FileNotFoundError):
+class ShardNotFound(UserError, FileNotFoundError):
     """A shard or manifest URL that does not exist (or cannot be reached in time)."""
 
 

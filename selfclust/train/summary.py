@@ -13,6 +13,7 @@ import torch
 
 from selfclust import collectives as C
 from selfclust.data.shardset import ShardSet
+from selfclust.errors import UserError
 from selfclust.eval.metrics import clustering_scores, head_agreement
 from selfclust.eval.scoring import BEST_HEAD_RULE, best_head, score_model
 from selfclust.labels.bank import LabelBank
@@ -24,11 +25,15 @@ if TYPE_CHECKING:
     from selfclust.train.loop import Trainer
 
 
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The loss diverged: at these settings it diverges again on every restart."""
+
+
 def check_finite(loss_sum: torch.Tensor, step: int) -> None:
     """Refuse to checkpoint a diverged model; all ranks agree (one all-reduce)."""
     bad = C.all_reduce_sum(torch.tensor([float(not torch.isfinite(loss_sum).all())]))
     if bad.item():
-        raise FloatingPointError(
+        raise NonFiniteLoss(
             f"loss became non-finite before step {step} on {int(bad.item())} "
             "rank(s); the last good checkpoint is kept. Lower optim.lr or set optim.grad_clip"
         )
@@ -45,7 +50,7 @@ def train_record(
     bad_epoch = both[t:].long()
     step = tr.pos.global_step
     if not torch.isfinite(mean_losses).all():
-        raise FloatingPointError(
+        raise NonFiniteLoss(
             f"loss became non-finite at step {step}: "
             f"{mean_losses.tolist()}; lower optim.lr or set optim.grad_clip"
         )

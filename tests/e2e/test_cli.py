@@ -121,3 +121,21 @@ def test_bad_inputs_fail_fast_with_clear_errors(shards: Path, tmp_path: Path) ->
     r = selfclust("shard", str(tmp_path / "missing.npz"), str(tmp_path / "out"))
     assert r.returncode == 2 and "missing.npz" in r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_a_user_error_in_a_worker_ends_the_run_at_once(shards: Path, tmp_path: Path) -> None:
+    """A loss that diverges at these settings diverges again after every restart: the run
+    stops on the first attempt (Ray Train's failure budget is for faults), says what to
+    change in one line, and keeps each rank's traceback in RUN_DIR/error.log."""
+    run = tmp_path / "run"
+    cmd = train_cmd(shards, run, "optim.lr=1e9", "trainer.log_every=1", "method.init=random")
+    r = subprocess.run(cmd[:1] + cmd[1:], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("selfclust train: error:"))
+    assert "loss became non-finite" in line and "optim.lr" in line and "error.log" in line
+    log = (run / "error.log").read_text()
+    # one attempt: each of the 2 ranks logged its error once (FAULT_RUN allows 2 restarts)
+    assert sorted(x.split()[-1] for x in log.splitlines() if x.startswith("--- ")) == ["0", "1"]
+    assert log.count("NonFiniteLoss: loss became non-finite") == 2
