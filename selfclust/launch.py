@@ -219,10 +219,9 @@ def _init_ray(cfg: RunConfig) -> None:
 
 
 # Ray Train V2's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default
-# 2 s), and a worker's ray.train.report waits for that poll: every checkpoint (each epoch end,
-# checkpoint.every_steps, each label update) blocked training for up to 2 s, measured 2.0 s per
-# report on 2 CPU workers, 0.1 s at a 0.1 s interval. The poll is one actor call per worker, so
-# the interval grows with the worker count: 0.1 s up to 20 workers, Ray's 2 s from 400.
+# 2 s), and a worker's ray.train.report waits for that poll: every checkpoint blocked training
+# for up to 2 s (2.0 s per report on 2 CPU workers, 0.1 s at a 0.1 s interval). The poll is one
+# actor call per worker: 0.1 s up to 20 workers, growing to Ray's 2 s at 400.
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_S_PER_WORKER = 0.005
 
@@ -232,29 +231,13 @@ def report_poll_interval(workers: int) -> float:
     return min(2.0, max(0.1, POLL_S_PER_WORKER * workers))
 
 
-def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume) the run in ``run_dir``; return the summary written to summary.json."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # The driver's value reaches the controller (Ray propagates its RAY_TRAIN_* variables); a
-    # value the user set wins.
-    os.environ.setdefault(POLL_ENV, str(report_poll_interval(cfg.trainer.num_workers)))
+def _torch_trainer(cfg: RunConfig, run_dir: Path, info: dict[str, Any], storage: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = resolve_data(cfg, run_dir)
-    preflight(cfg)
-    info = run_identity(run_dir, cfg)
-    done = finished_summary(run_dir)
-    if done is not None:
-        print(f"{run_dir} already finished at step {done['steps']}: nothing to train")
-        return done
-    _init_ray(cfg)
-    storage = cfg.ray.storage_path or str(run_dir / "ray")
     t = cfg.trainer
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_entry,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -279,8 +262,27 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
             callbacks=[_stop_on_user_error()],
         ),
     )
+
+
+def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; return the summary written to summary.json."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # The driver's value reaches the controller (Ray propagates its RAY_TRAIN_* variables); a
+    # value the user set wins.
+    os.environ.setdefault(POLL_ENV, str(report_poll_interval(cfg.trainer.num_workers)))
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_data(cfg, run_dir)
+    preflight(cfg)
+    info = run_identity(run_dir, cfg)
+    done = finished_summary(run_dir)
+    if done is not None:
+        print(f"{run_dir} already finished at step {done['steps']}: nothing to train")
+        return done
+    _init_ray(cfg)
+    storage = cfg.ray.storage_path or str(run_dir / "ray")
     try:
-        result = trainer.fit()
+        result = _torch_trainer(cfg, run_dir, info, storage).fit()
         if result.error is not None:
             raise result.error
     except Exception as e:  # a worker's user error: one line (cli), the traceback logged
