@@ -179,3 +179,16 @@ def test_relative_local_shard_paths_become_absolute(tmp_path: Path, monkeypatch)
     for spec in ("http://127.0.0.1:8000/digits", "pipe:cat /data/{name}", "/abs/shards"):
         cfg = load_config(quickstart, [f"data.train={spec}"])
         assert resolve_data(cfg, tmp_path / "run").data.train == spec
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  epochs: [1, 2\nseed: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: line 4, column 5"):
+        load_config(bad)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="binary.yaml cannot be read"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=r"override 'optim.lr=\[1,': its value is not valid"):
+        load_config(None, ["optim.lr=[1,"])

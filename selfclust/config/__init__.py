@@ -11,6 +11,7 @@ are generated from this schema (:mod:`~selfclust.config.doc`).
 """
 
 from selfclust.config.fixed import FIXED, RemovedKeyWarning
+from selfclust.config.load import load_config, parse_overrides
 from selfclust.config.method_base import METHODS, MethodBase, expect
 from selfclust.config.methods import (
     BY_NAME,
@@ -29,9 +30,7 @@ from selfclust.config.run import (
     RunConfig,
     build_config,
     diff_configs,
-    load_config,
     method_defaults,
-    parse_overrides,
 )
 from selfclust.config.sections import (
     AugmentConfig,

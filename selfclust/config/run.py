@@ -1,21 +1,20 @@
-"""The run config: the sections composed into :class:`RunConfig`, and how configs are read.
+"""The run config: the sections composed into :class:`RunConfig`, and how they are checked.
 
-A config a person wrote (:func:`load_config`, :func:`build_config`) is checked strictly: a
-``method.*`` key of another method is an error naming the method it belongs to, and a key that
-is now fixed in the code (:mod:`selfclust.config.fixed`) is an error unless it holds the fixed
-value. A resolved config read back (a checkpoint's, RUN_DIR/config.yaml, with
-``RunConfig.model_validate``) may come from an older selfclust that held every method's keys:
-the keys its method does not read are dropped, since they never did anything.
+A config a person wrote (:func:`~selfclust.config.load.load_config`, :func:`build_config`)
+is checked strictly: a ``method.*`` key of another method is an error naming the method it
+belongs to, and a key that is now fixed in the code (:mod:`selfclust.config.fixed`) is an
+error unless it holds the fixed value. A resolved config read back (a checkpoint's,
+RUN_DIR/config.yaml, with ``RunConfig.model_validate``) may come from an older selfclust that
+held every method's keys: the keys its method does not read are dropped, since they never did
+anything.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from selfclust.config.fixed import (
@@ -207,40 +206,6 @@ def _format_error(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["optim.lr=0.1", "model.widths=[16,32]"]`` → nested dict; values parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
-        key, raw = item.split("=", 1)
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
-    return tree
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def build_config(tree: dict[str, Any]) -> RunConfig:
     """Validate a config a person wrote (strictly, unlike a resolved config read back with
     ``RunConfig.model_validate``)."""
@@ -249,21 +214,6 @@ def build_config(tree: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (None: defaults), apply ``key=value`` overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (configs live in configs/*.yaml)")
-        loaded = yaml.safe_load(p.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded)}")
-        tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return build_config(tree)
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
