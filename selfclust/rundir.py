@@ -21,6 +21,7 @@ import yaml
 
 from selfclust.checkpoint import DIGEST_FILE, STATE_FILE, check_compatible, is_complete
 from selfclust.config import RunConfig
+from selfclust.errors import UserError
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -57,6 +58,30 @@ def default_output(target: Path, name: str) -> Path:
     return Path(name) if is_checkpoint_dir(target) else target / name
 
 
+class DamagedRunFile(UserError, ValueError):
+    """A run dir's JSON file that does not parse: edited by hand, or cut off by a full disk."""
+
+
+# What to do about each damaged file (the checkpoints under RUN_DIR/ray are separate).
+_DAMAGED_HELP = {
+    RUN_FILE: "restore it (it holds the run's name and config), or train in a new --run-dir",
+    SUMMARY_FILE: "delete it: the final checkpoint is then found under RUN_DIR/ray",
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A run dir's JSON object, or :class:`DamagedRunFile` naming the file and what to do."""
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = f"is not valid JSON ({e})"
+    else:
+        if isinstance(obj, dict):
+            return obj
+        problem = f"holds a JSON {type(obj).__name__}, not an object"
+    raise DamagedRunFile(f"{path} {problem}: {_DAMAGED_HELP.get(path.name, 'remove it')}")
+
+
 def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """Load or create ``run.json``: the Ray run name and W&B id that persist across reruns.
 
@@ -64,8 +89,8 @@ def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """
     path = run_dir / RUN_FILE
     if path.is_file():
-        info = json.loads(path.read_text())
-        check_compatible(info["config"], cfg, f"run dir {run_dir}")
+        info = read_json(path)
+        check_compatible(info.get("config", {}), cfg, f"run dir {run_dir}")
         info["config"] = cfg.to_dict()  # how-to-run keys (workers, logging) may change
     else:
         if run_dir.exists() and any(p.name != "shards" for p in run_dir.iterdir()):
@@ -83,8 +108,16 @@ def run_identity(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
 
 def read_identity(run_dir: Path) -> tuple[dict[str, Any], RunConfig]:
     """``run.json`` and the config of ``config.yaml`` of an existing run dir."""
-    info = json.loads((run_dir / RUN_FILE).read_text())
-    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    info = read_json(run_dir / RUN_FILE)
+    path = run_dir / CONFIG_FILE
+    try:
+        cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        first = str(e).splitlines()[0]
+        raise DamagedRunFile(
+            f"{path} is not a selfclust config ({first}): restore it from {RUN_FILE}'s "
+            '"config", or train in a new --run-dir'
+        ) from None
     return info, cfg
 
 
@@ -101,7 +134,7 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / SUMMARY_FILE
     if not path.is_file():
         return None
-    summary: dict[str, Any] = json.loads(path.read_text())
+    summary = read_json(path)
     checkpoint = summary.get("checkpoint")
     return summary if checkpoint and is_complete(Path(checkpoint)) else None
 
@@ -113,13 +146,13 @@ def latest_checkpoint(run_dir: Path) -> Path:
     """
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
-        path = Path(json.loads(summary.read_text())["checkpoint"])
-        if is_complete(path):
-            return path
+        recorded = read_json(summary).get("checkpoint")
+        if recorded and is_complete(Path(recorded)):
+            return Path(recorded)
     roots = [run_dir / "ray"]
     info_file = run_dir / RUN_FILE
     if info_file.is_file():
-        info = json.loads(info_file.read_text())
+        info = read_json(info_file)
         storage = (info.get("config", {}).get("ray") or {}).get("storage_path")
         if storage and "://" not in storage:
             roots.insert(0, Path(storage))
@@ -153,7 +186,10 @@ def label_changes(run_dir: Path) -> list[dict[str, Any]]:
         return []
     seen: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut off by a crash: the lines after it are whole
+            continue
         if "label_change" in rec:
             seen[int(rec["step"])] = {
                 "step": int(rec["step"]),

@@ -24,6 +24,7 @@ from selfclust.rundir import (
     METRICS_FILE,
     RUN_FILE,
     SUMMARY_FILE,
+    DamagedRunFile,
     atomic_write,
     default_output,
     default_run_dir,
@@ -234,3 +235,33 @@ def test_label_changes_last_attempt_wins(tmp_path: Path) -> None:
         {"step": 40, "event": "relabel", "label_change": 0.25},
         {"step": 60, "event": "relabel", "label_change": 0.1},
     ]
+
+
+def test_damaged_run_files_are_named_with_what_to_do(tmp_path: Path) -> None:
+    """run.json, summary.json and config.yaml that do not parse (edited by hand, cut off by a
+    full disk) are one UserError naming the file; a cut-off metrics line is skipped."""
+    from selfclust.errors import UserError
+
+    cfg = load_config(None, [])
+    run_identity(tmp_path, cfg)
+    (tmp_path / RUN_FILE).write_text('{"name": "selfclust-1", "wand')
+    with pytest.raises(DamagedRunFile, match=r"run.json is not valid JSON .*new --run-dir"):
+        run_identity(tmp_path, cfg)
+    with pytest.raises(UserError, match="run.json"):
+        read_identity(tmp_path)
+    (tmp_path / RUN_FILE).write_text("[1, 2]")
+    with pytest.raises(DamagedRunFile, match="holds a JSON list, not an object"):
+        run_identity(tmp_path, cfg)
+    run_identity(tmp_path / "b", cfg)
+    (tmp_path / "b" / CONFIG_FILE).write_text("optim: [")
+    with pytest.raises(DamagedRunFile, match="config.yaml is not a selfclust config"):
+        read_identity(tmp_path / "b")
+    (tmp_path / SUMMARY_FILE).write_text("{")
+    with pytest.raises(DamagedRunFile, match="summary.json .* delete it"):
+        finished_summary(tmp_path)
+    with pytest.raises(DamagedRunFile, match="summary.json"):
+        latest_checkpoint(tmp_path)
+    lines = [{"step": 5, "event": "relabel", "label_change": 0.5}, {"step": 9, "label_change": 0.1}]
+    text = "\n".join(json.dumps(r) for r in lines)
+    (tmp_path / METRICS_FILE).write_text(text + '\n{"step": 12, "label_ch')  # a crash mid-line
+    assert [r["step"] for r in label_changes(tmp_path)] == [5, 9]
