@@ -23,3 +23,7 @@ class UserError(Exception):
 
 class DataError(UserError, ValueError):
     """The data cannot be trained on as configured (too few samples, unreadable shards...)."""
+
+
+class ShardsChanged(UserError, RuntimeError):
+    """The shards do not hold what their manifest says (rewritten, mixed or cut off)."""

@@ -26,6 +26,7 @@ from selfclust.data.collate import Decoder
 from selfclust.data.reader import DataStats
 from selfclust.data.shardset import ShardSet
 from selfclust.data.worker_streams import EvalStream, TrainStream
+from selfclust.errors import DataError
 
 log = logging.getLogger("selfclust.data")
 T = TypeVar("T")
@@ -96,7 +97,7 @@ def _loader_augment(
     if size is None and shards.image and shards.image["height"] == shards.image["width"]:
         size = int(shards.image["height"])
     if size is None:
-        raise ValueError(
+        raise DataError(
             "loader augmentation needs an output size: set data.image_size "
             "(the images of this shard set are not all the same square size)"
         )
@@ -161,7 +162,7 @@ def train_batches(
         aug = _loader_augment(shards, loader_augment, image_size, seed, epoch)
     mine = plan.rank_pieces(_shard_pieces(shards, world_size), rank, world_size, seed, epoch)
     if not mine:
-        raise ValueError(
+        raise DataError(
             f"rank {rank} has no samples: {shards.num_samples} samples in {len(shards.urls)} "
             f"shards cannot feed {world_size} ranks; shard again with a smaller shard_size"
         )

@@ -19,6 +19,7 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.data.augment import normalize
+from selfclust.errors import DataError, ShardsChanged
 from selfclust.labels.kmeans import LLOYD_ITERS, Seeding, assign, distributed_centroids
 from selfclust.labels.sample import sample_pool
 from selfclust.labels.sinkhorn_logits import head_logits
@@ -70,14 +71,14 @@ def embed(
         torch.tensor([local, int(local == 0), skipped], dtype=torch.int64), group
     )
     if int(counts[1]):
-        raise RuntimeError(
+        raise DataError(
             f"{int(counts[1])} rank(s) read no samples in the label pass: the dataset has fewer "
             "shards than ranks can share; write smaller shards (--shard-size) or use fewer workers"
         )
     seen, bad = int(counts[0]), int(counts[2])
     out = Embedded(torch.cat(feats), torch.cat(idxs).long(), torch.cat(clss).long(), bad)
     if seen + bad != num_samples:
-        raise RuntimeError(
+        raise ShardsChanged(
             f"label pass saw {seen} samples (and skipped {bad} bad ones) across all ranks, the "
             f"manifest says {num_samples}: shards were changed after writing, or a sample "
             "index appears twice; rewrite them with `selfclust shard`"
@@ -116,7 +117,7 @@ def gather_bank(
     unique = len(torch.unique(gidx)) == len(gidx)
     in_range = len(gidx) == 0 or (int(gidx.min()) >= 0 and int(gidx.max()) < num_samples)
     if not (unique and in_range and len(gidx) + skipped == num_samples):
-        raise RuntimeError(
+        raise ShardsChanged(
             "label pass did not see every sample index exactly once across ranks "
             f"({len(gidx)} rows + {skipped} skipped for N={num_samples}): duplicate or "
             "out-of-range idx in the shards"
