@@ -17,21 +17,25 @@ one template:
 commands are abandoned after ``timeout_s`` seconds without data, and a file that is not there
 (no such path, HTTP 404/410, a command that fails before writing a byte) raises
 :class:`ShardNotFound` naming it, after at most ``timeout_s`` seconds of retrying transient errors.
+:func:`http_size` asks a server for a file's size without downloading it (the driver's check
+that every shard is there, :mod:`selfclust.data.preflight`).
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import re
 import select
+import signal
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from webdataset.shardlists import expand_urls
 
@@ -107,13 +111,25 @@ class _Deadline:
         return max(0.0, self.end - time.monotonic())
 
 
-def _open_http(url: str, timeout_s: float) -> BinaryIO:
+def _urlopen(
+    url: str,
+    timeout_s: float,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    refused: frozenset[int] = frozenset(),
+) -> http.client.HTTPResponse:
+    """``method`` on ``url``, retrying transient errors for up to ``timeout_s`` seconds; an
+    HTTP status in ``refused`` is raised as the HTTPError it is, any other as ShardNotFound."""
     deadline, delay, last = _Deadline(timeout_s), 0.25, ""
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
     while True:
         try:
             # The timeout bounds the connect and every later read of the response.
-            return urllib.request.urlopen(url, timeout=max(1.0, min(timeout_s, deadline.left())))
+            timeout = max(1.0, min(timeout_s, deadline.left()))
+            return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as e:
+            if e.code in refused:
+                raise
             if e.code not in _RETRY_HTTP:
                 raise _not_found(url, f"HTTP {e.code} {e.reason}") from e
             last = f"HTTP {e.code} {e.reason}"
@@ -125,6 +141,37 @@ def _open_http(url: str, timeout_s: float) -> BinaryIO:
         delay = min(2 * delay, 4.0)
 
 
+def _open_http(url: str, timeout_s: float) -> BinaryIO:
+    return cast(BinaryIO, _urlopen(url, timeout_s))
+
+
+def _length(value: str | None) -> int | None:
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def http_size(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> int | None:
+    """The size in bytes of the file at an http(s) ``url``, without downloading it.
+
+    A HEAD request's Content-Length; where HEAD is refused (405, 501) or gives no length, a GET
+    of its first byte (``Range: bytes=0-0``) and the total of its Content-Range (or the
+    Content-Length of a server that ignores ranges). None when the server tells neither. A
+    file that is not there raises :class:`ShardNotFound` as :func:`open_url` does; both
+    requests together take at most about ``timeout_s`` seconds.
+    """
+    deadline = _Deadline(timeout_s)
+    try:
+        with _urlopen(url, timeout_s, "HEAD", refused=frozenset({405, 501})) as r:
+            size = _length(r.headers.get("Content-Length"))
+        if size is not None:
+            return size
+    except urllib.error.HTTPError:
+        pass  # HEAD refused: ask for one byte instead
+    with _urlopen(url, max(1.0, deadline.left()), headers={"Range": "bytes=0-0"}) as r:
+        if r.status == 206:  # Content-Range: bytes 0-0/TOTAL (TOTAL may be "*": unknown)
+            return _length(r.headers.get("Content-Range", "").rpartition("/")[2])
+        return _length(r.headers.get("Content-Length"))  # the whole file (no ranges here)
+
+
 class _PipeStream(io.RawIOBase):
     """stdout of a shell command; a stall longer than ``timeout_s`` kills it, a failing exit
     status raises at the end of the data (so a truncated download is never taken as whole)."""
@@ -132,14 +179,25 @@ class _PipeStream(io.RawIOBase):
     def __init__(self, url: str, timeout_s: float) -> None:
         self.url, self.timeout_s, self.seen = url, timeout_s, 0
         self.stderr = tempfile.TemporaryFile()
+        # Its own process group, so that every process of a pipeline is killed with it.
         self.proc = subprocess.Popen(
-            url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=self.stderr
+            url[len("pipe:") :],
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
 
     def readable(self) -> bool:
         return True
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group has already exited
+            pass
 
     def _fail(self, why: str) -> OSError:
         self.stderr.seek(0)
@@ -150,7 +208,7 @@ class _PipeStream(io.RawIOBase):
     def readinto(self, buf) -> int:  # type: ignore[override]
         ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
         if not ready:
-            self.proc.kill()
+            self._kill()
             raise self._fail(f"no data for {self.timeout_s:.0f} s, command killed")
         n = os.readv(self.fd, [buf])
         self.seen += n
@@ -158,7 +216,7 @@ class _PipeStream(io.RawIOBase):
             try:
                 code = self.proc.wait(timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._kill()
                 code = -9
             if code != 0:
                 raise self._fail(f"command exited with status {code}")
@@ -167,7 +225,7 @@ class _PipeStream(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             if self.proc.poll() is None:
-                self.proc.kill()
+                self._kill()
             self.proc.wait()
             assert self.proc.stdout is not None
             self.proc.stdout.close()

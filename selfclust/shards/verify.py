@@ -1,4 +1,6 @@
-"""``selfclust shard --verify``: re-read a shard set and check it against its manifest."""
+"""``selfclust shard --verify``: re-read a shard set and check it against its manifest
+(:func:`verify_shards`), or with ``--quick`` only that every shard is there at its size
+(:func:`verify_quick`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import os
 import tarfile
 from typing import Any
 
+from selfclust.data.preflight import check_shards
 from selfclust.data.reader import IMAGE_ERRORS, image_field, open_image, tar_samples
+from selfclust.data.shardset import ShardSet
 from selfclust.data.urls import DEFAULT_TIMEOUT_S, ShardNotFound, open_url, parse_spec
 from selfclust.shards.manifest import load_manifest
 
@@ -81,3 +85,25 @@ def verify_shards(
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError("; ".join(problems[:5]) + more)
     return {"num_samples": m["num_samples"], "shards": len(m["shards"]), "bytes": total_bytes}
+
+
+def verify_quick(
+    spec: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 32
+) -> dict:
+    """Check only that every shard of a set exists and has the size its manifest records,
+    without reading it (:func:`selfclust.data.preflight.check_shards`: a stat, an HTTP HEAD,
+    or a ``pipe:`` command's first block per shard, ``threads`` at a time).
+
+    Returns ``{"num_samples", "shards", "bytes", "sized"}``, ``sized`` being how many shards
+    had their size compared (pipes and manifests without ``bytes``: existence only); raises
+    :class:`~selfclust.data.preflight.BadShards` (a ValueError) naming the bad shards.
+    """
+    shards = ShardSet.open(spec, timeout_s)
+    sized = check_shards(shards, timeout_s, threads)
+    total_bytes = sum(sh.get("bytes", 0) for sh in shards.manifest["shards"])
+    return {
+        "num_samples": shards.num_samples,
+        "shards": len(shards.urls),
+        "bytes": total_bytes,
+        "sized": sized,
+    }
