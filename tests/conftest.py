@@ -11,6 +11,18 @@ import torch
 
 from tests.helpers.data import write_digits_npz
 
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2``, ``--dist loadgroup`` from pyproject.toml) each test file
+    runs on one worker, so its module fixtures are built once, and all of tests/e2e on one,
+    since its files share the reference run (tests/e2e/conftest.py). Ignored without -n."""
+    for item in items:
+        rel = Path(item.path).relative_to(TESTS)
+        group = "e2e" if rel.parts[0] == "e2e" else rel.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
