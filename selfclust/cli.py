@@ -76,6 +76,12 @@ def _add_shard(sub: Any) -> None:
     s.add_argument("--root", help="torchvision:NAME sources: the folder the dataset is stored in")
     s.add_argument("--verify", action="store_true", help="re-read SOURCE shards and check them")
     s.add_argument("--decode", action="store_true", help="with --verify: decode every image too")
+    s.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --verify: only check that every shard exists at its manifest's size "
+        "(a stat, an HTTP HEAD or a pipe's first bytes; what `selfclust train` checks first)",
+    )
     s.set_defaults(func=cmd_shard)
 
 

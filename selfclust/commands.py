@@ -18,9 +18,21 @@ from typing import Any
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from selfclust.shards.upload import UploadError
-    from selfclust.shards.verify import verify_shards
+    from selfclust.shards.verify import verify_quick, verify_shards
     from selfclust.shards.write import parse_bytes, write_shards
 
+    if args.verify and args.quick:
+        if args.decode:
+            raise ValueError("--quick reads no image: use --verify --decode, or --verify --quick")
+        quick = verify_quick(args.source)
+        what = (
+            "at the size its manifest records"
+            if quick["sized"] == quick["shards"]
+            else (f"present ({quick['sized']} checked against the manifest's size)")
+        )
+        print(f"{args.source}: {quick['num_samples']} samples in {quick['shards']} shards, "
+              f"every shard {what}")  # fmt: skip
+        return 0
     if args.verify:
         report = verify_shards(args.source, decode=args.decode)
         what = "checksum, index and image" if args.decode else "checksum and index"

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from selfclust.config import RunConfig
+from selfclust.data.preflight import preflight
 from selfclust.errors import ERROR_LOG, UserError
 from selfclust.rundir import finished_summary, run_identity, write_summary
 
@@ -44,24 +45,6 @@ def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
         return cfg
     data = cfg.data.model_copy(update=updates)
     return cfg.model_copy(update={"data": data})
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Check what depends on the data before any worker starts, so errors read plainly."""
-    from selfclust.data.plan import steps_per_epoch
-    from selfclust.data.shardset import ShardSet
-
-    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
-    if cfg.data.eval:
-        ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s)
-    n, m = shards.num_samples, cfg.method
-    if m.clusters > n:
-        raise ValueError(
-            f"method.clusters={m.clusters} exceeds the {n} samples in {cfg.data.train}: "
-            "K clusters need at least K samples"
-        )
-    workers = max(1, cfg.trainer.num_workers)
-    steps_per_epoch(n, workers, cfg.optim.batch_size // workers)  # raises if N < batch
 
 
 def ray_train_context() -> ModuleType | None:
@@ -156,8 +139,8 @@ def _log_user_error(run_dir: Path, rank: int) -> None:
 
 
 def _stop_on_user_error() -> Any:
-    """A Ray Train callback on the controller: a worker's :class:`UserError` is raised there,
-    which ends the run at once (Ray Train retries worker failures, never controller errors)."""
+    """A callback on Ray Train's controller that raises a worker's :class:`UserError` there:
+    the run ends at once (Ray Train retries worker failures, never the controller's)."""
     from ray.train import UserCallback
 
     class StopOnUserError(UserCallback):
@@ -273,7 +256,7 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolve_data(cfg, run_dir)
-    preflight(cfg)
+    preflight(cfg)  # before any worker starts: each mistake found once, as one line
     info = run_identity(run_dir, cfg)
     done = finished_summary(run_dir)
     if done is not None:

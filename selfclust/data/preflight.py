@@ -20,6 +20,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from selfclust.config import RunConfig
+from selfclust.data.plan import steps_per_epoch
 from selfclust.data.shardset import ShardSet
 from selfclust.data.urls import ShardNotFound, http_size, is_local, open_url
 from selfclust.errors import DataError
@@ -123,3 +125,19 @@ def check_shards(shards: ShardSet, timeout_s: float | None = None, threads: int 
     if problems:
         raise BadShards(_message(problems, shards.root, len(entries)))
     return sum(r is True for r in results)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check what depends on the data before any worker starts, so errors read plainly."""
+    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
+    check_shards(shards)  # every shard there, at its size: one error naming a missing one
+    if cfg.data.eval:
+        check_shards(ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s))
+    n, m = shards.num_samples, cfg.method
+    if m.clusters > n:
+        raise DataError(
+            f"method.clusters={m.clusters} exceeds the {n} samples in {cfg.data.train}: "
+            "K clusters need at least K samples"
+        )
+    workers = max(1, cfg.trainer.num_workers)
+    steps_per_epoch(n, workers, cfg.optim.batch_size // workers)  # raises if N < batch

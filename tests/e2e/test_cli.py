@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,22 @@ def test_bad_inputs_fail_fast_with_clear_errors(shards: Path, tmp_path: Path) ->
     r = selfclust("shard", str(tmp_path / "missing.npz"), str(tmp_path / "out"))
     assert r.returncode == 2 and "missing.npz" in r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+    # A shard removed, another cut short: one line naming both, before any Ray worker starts.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    (damaged / "shard-000001.tar").unlink()
+    tar = damaged / "shard-000003.tar"
+    tar.write_bytes(tar.read_bytes()[:4096])
+    for cmd in (["shard", "--verify", "--quick", str(damaged)],
+                ["train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "c"),
+                 f"data.train={damaged}"]):  # fmt: skip
+        r = selfclust(*cmd, timeout=30)
+        line = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and line.startswith(f"selfclust {cmd[0]}: error: 2 of the 5")
+        assert "shard-000001.tar is missing" in line and "shard-000003.tar is 4096 bytes" in line
+        assert "Ray" not in r.stdout + r.stderr  # no cluster was started
+    assert not (tmp_path / "c" / "ray").exists()
 
 
 @pytest.mark.slow
