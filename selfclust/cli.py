@@ -74,6 +74,12 @@ def _add_shard(sub: Any) -> None:
         "--no-keep-local", action="store_true", help="with --post: delete shards once uploaded"
     )
     s.add_argument("--root", help="torchvision:NAME sources: the folder the dataset is stored in")
+    s.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image file (default: skip it and list it in "
+        "OUT/skipped.txt)",
+    )
     s.add_argument("--verify", action="store_true", help="re-read SOURCE shards and check them")
     s.add_argument("--decode", action="store_true", help="with --verify: decode every image too")
     s.add_argument(

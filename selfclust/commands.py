@@ -17,6 +17,7 @@ from typing import Any
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
+    from selfclust.shards.skipped import SKIPPED
     from selfclust.shards.upload import UploadError
     from selfclust.shards.verify import verify_quick, verify_shards
     from selfclust.shards.write import parse_bytes, write_shards
@@ -56,13 +57,19 @@ def cmd_shard(args: argparse.Namespace) -> int:
             post=args.post,
             keep_local=not args.no_keep_local,
             root=args.root,
+            strict=args.strict,
         )
     except UploadError as e:
         raise ValueError(str(e)) from e
-    print(
+    line = (
         f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to "
         f"{args.out} (manifest.json)"
     )
+    n = manifest["skipped"]
+    if n:
+        files = "file" if n == 1 else "files"
+        line += f"; skipped {n} unreadable {files}, listed in {Path(args.out) / SKIPPED}"
+    print(line)
     return 0
 
 

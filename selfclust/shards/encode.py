@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from selfclust.shards.source import UnreadableFile
+
 # Pillow modes that stay one channel; every other mode is converted to RGB.
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 ENCODINGS = ("keep", "png", "jpeg")
@@ -24,12 +26,24 @@ def channels_for_mode(mode: str) -> int:
     return 1 if mode in GRAY_MODES else 3
 
 
+def _refused(raw: tuple, reason: str, message: str | None = None) -> ValueError:
+    """The error for an item that cannot be encoded: an :class:`UnreadableFile` (which the
+    writer skips and lists) for file bytes, a plain ValueError for arrays (never skipped)."""
+    if raw[0] == "bytes":
+        return UnreadableFile(raw[3], reason, message)
+    return ValueError(message or f"unreadable array image: {reason}")
+
+
 def encode_item(raw: tuple, opts: dict[str, Any]) -> tuple[str, bytes, tuple[int, int, int]]:
     """One source item → (image field, bytes, (h, w, channels)), re-encoded/resized as asked.
 
-    File bytes are decoded fully even when kept, so a broken file fails here, not in training.
+    File bytes are decoded fully even when kept (``im.load()``, or the resize that loads), so
+    a broken or truncated file fails here, not in training: an empty, truncated or non-image
+    file, or a decompression bomb (refused before decoding), raises :class:`UnreadableFile`.
     """
     where = raw[3] if raw[0] == "bytes" else "an array image"
+    if raw[0] == "bytes" and not raw[2]:
+        raise UnreadableFile(where, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -48,14 +62,16 @@ def encode_item(raw: tuple, opts: dict[str, Any]) -> tuple[str, bytes, tuple[int
                 im.load()
                 resized = False
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(
+        raise _refused(
+            raw,
+            f"decompression bomb, not decoded: {e}",
             f"refused image file {where}: {e}; it is a decompression bomb (or needs "
-            "PIL.Image.MAX_IMAGE_PIXELS raised)"
+            "PIL.Image.MAX_IMAGE_PIXELS raised)",
         ) from e
     except _BAD_IMAGE as e:
-        raise ValueError(
-            f"unreadable image file {where}: {e}; remove or replace it and shard again"
-        ) from e
+        # Pillow's own message names the BytesIO object (an address): say what it means.
+        unknown = isinstance(e, UnidentifiedImageError)
+        raise _refused(raw, "not an image Pillow can read" if unknown else str(e)) from e
     channels = channels_for_mode(im.mode)
     encode = opts["encode"]
     if raw[0] == "bytes" and encode == "keep" and not resized:

@@ -8,7 +8,7 @@ known, ``cls`` (text int; used for evaluation only, never for training).
 
 The manifest records::
 
-    {"format": "selfclust-shards/1", "num_samples": N,
+    {"format": "selfclust-shards/1", "num_samples": N, "skipped": S,
      "shards": [{"name", "count", "sha256", "first_idx", "bytes"}, ...],
      "classes": [names] | null, "image": {"height", "width", "channels"} | null,
      "channels": 1 | 3, "source": "kind:path", "source_info": {...}, "writer": {...}}
@@ -16,6 +16,10 @@ The manifest records::
 ``image`` is set when every image has the same size and channel count; ``channels`` (1 for
 grayscale, 3 for colour) is always set and is what readers convert every image to.
 Shard ``i`` holds the idx range ``first_idx .. first_idx + count - 1`` in order.
+``skipped`` counts the source files left out because they could not be read (listed, with
+the reason, in ``skipped.txt`` beside the manifest when there are any; see
+:mod:`selfclust.shards.skipped`); idx numbers the kept samples only. Manifests written
+before it was recorded have no ``skipped``.
 """
 
 from __future__ import annotations
@@ -41,13 +45,16 @@ def build_manifest(
     opts: dict,
     shard_size: int,
     shard_bytes: int | None,
+    skipped: int = 0,
 ) -> dict:
-    """The manifest of a finished write: ``shards`` as written, ``shapes`` every (h, w, c) met."""
+    """The manifest of a finished write: ``shards`` as written, ``shapes`` every (h, w, c) met,
+    ``skipped`` the number of source files left out."""
     channels = max(c for _, _, c in shapes)
     h, w, c = next(iter(shapes))
     return {
         "format": FORMAT,
         "num_samples": sum(s["count"] for s in shards),
+        "skipped": skipped,
         "shards": shards,
         "classes": src.classes,
         "image": {"height": h, "width": w, "channels": c} if len(shapes) == 1 else None,

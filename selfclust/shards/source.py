@@ -3,7 +3,8 @@
 A source is sized up front and read by index, not iterated: parallel writer processes
 (:func:`~selfclust.shards.encode.encode_parallel`) then encode any range of it, and idx is the
 position in source order. Readers of array formats build it with :func:`array_source`, readers
-of image files with :func:`files_source`.
+of image files with :func:`files_source`. A file that cannot be read or decoded raises
+:class:`UnreadableFile`, which the writer skips and lists (or, when strict, lets through).
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+class UnreadableFile(ValueError):
+    """A source file that cannot be sharded: ``path`` as the source names it and ``reason``
+    (one line, the same in every process: it goes into ``skipped.txt``)."""
+
+    def __init__(self, path: str, reason: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"unreadable image file {path}: {reason}; remove or replace it and shard again "
+            "(or shard without --strict to skip and list such files)"
+        )
+        self.path, self.reason = path, reason
+
+    def __reduce__(self) -> tuple:  # raised in a writer process, re-raised in the parent
+        return type(self), (self.path, self.reason, str(self))
 
 
 @dataclass
@@ -70,13 +87,26 @@ def array_source(x: np.ndarray, y: np.ndarray | None, description: str, info: di
 
 
 def files_source(
-    files: list[tuple[Path, int | None]], classes: list[str] | None, description: str, info: dict
+    files: list[tuple[Path, int | None]],
+    classes: list[str] | None,
+    description: str,
+    info: dict,
+    listed_at: list[str] | None = None,
 ) -> Source:
     """A source over image files ``(path, class id or None)``, items ``("bytes", ext, data,
-    path)``: the file's bytes, read when the item is."""
+    path)``: the file's bytes, read when the item is. A file that is gone or cannot be read
+    raises :class:`UnreadableFile`, naming ``listed_at[i]`` (e.g. ``list.txt:12``) if given."""
 
     def item(i: int) -> tuple[tuple, int | None]:
         path, cls = files[i]
-        return ("bytes", path.suffix.lower().lstrip("."), path.read_bytes(), str(path)), cls
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            at = listed_at[i] if listed_at else None
+            message = f"{at}: image file {path} does not exist" if at else None
+            raise UnreadableFile(str(path), "file does not exist", message) from e
+        except OSError as e:
+            raise UnreadableFile(str(path), f"cannot read the file: {e.strerror or e}") from e
+        return ("bytes", path.suffix.lower().lstrip("."), data, str(path)), cls
 
     return Source(description, info, len(files), classes, item)

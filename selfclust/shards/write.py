@@ -3,7 +3,8 @@
 The format and the manifest are :mod:`selfclust.shards.manifest`'s. Shards are cut at
 ``shard_size`` samples or before the file would exceed ``shard_bytes`` (a sample larger
 than that gets a shard of its own), whichever comes first; the output is the same whatever the
-number of writer processes.
+number of writer processes. Files of an image folder or file list that cannot be read are
+skipped and listed in ``skipped.txt`` (:mod:`selfclust.shards.skipped`) unless ``strict``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selfclust.data.urls import MANIFEST
 from selfclust.shards.encode import ARRAY_FORMATS, ENCODINGS, encode_item
 from selfclust.shards.encode_pool import encode_parallel
 from selfclust.shards.manifest import FORMAT, build_manifest
+from selfclust.shards.skipped import SKIPPED, Skipped, nothing_readable, write_skip_list
 from selfclust.shards.sources import resolve_source
 from selfclust.shards.upload import Uploader
 
@@ -67,7 +69,9 @@ def _check_out(out: Path) -> None:
     if not entries:
         return
     foreign = [
-        n for n in entries if n != MANIFEST and not (n.startswith("shard-") and n.endswith(".tar"))
+        n
+        for n in entries
+        if n not in (MANIFEST, SKIPPED) and not (n.startswith("shard-") and n.endswith(".tar"))
     ]
     if MANIFEST not in entries or foreign:
         raise ValueError(
@@ -112,16 +116,20 @@ def _tar_budget(shard_bytes: int) -> int:
 
 
 def _write_into(
-    encoded: Iterator[tuple[str, bytes, tuple[int, int, int], int | None]],
+    encoded: Iterator[tuple[str, bytes, tuple[int, int, int], int | None] | Skipped],
     tmp: Path,
     shard_size: int,
     shard_bytes: int | None,
     shapes: set[tuple[int, int, int]],
+    skipped: list[Skipped],
     uploader: Uploader | None,
 ) -> list[dict]:
+    """Cut ``encoded`` into shards in ``tmp``; idx counts the kept samples only, so it stays
+    0..N-1 whatever was skipped. Adds to ``shapes`` and ``skipped`` as it goes."""
     shards: list[dict] = []
     current: _ShardFile | None = None
     size = 0
+    idx = 0
 
     def finish(f: _ShardFile) -> None:
         f.close()
@@ -131,7 +139,11 @@ def _write_into(
             uploader.submit(f.path)
 
     try:
-        for idx, (ext, data, shape, cls) in enumerate(encoded):
+        for item in encoded:
+            if isinstance(item, Skipped):
+                skipped.append(item)
+                continue
+            ext, data, shape, cls = item
             shapes.add(shape)
             sample = {"__key__": f"{idx:09d}", ext: data, "idx": str(idx)}
             if cls is not None:
@@ -150,6 +162,7 @@ def _write_into(
             current.writer.write(sample)
             shards[-1]["count"] += 1
             size += need
+            idx += 1
         if current is not None:
             finish(current)
             current = None
@@ -173,6 +186,7 @@ def write_shards(
     post: str | None = None,
     keep_local: bool = True,
     root: str | os.PathLike | None = None,
+    strict: bool = False,
 ) -> dict:
     """Write SOURCE as WebDataset shards plus ``manifest.json`` into OUT; return the manifest.
 
@@ -188,6 +202,11 @@ def write_shards(
     shell command run for each finished file with ``{path}`` and ``{name}`` filled in (e.g.
     ``aws s3 cp {path} s3://bucket/set/{name}``); the manifest goes last, after every shard
     uploaded, and ``keep_local=False`` deletes each local shard once it is uploaded.
+
+    Image files that are gone, empty, truncated, not images or decompression bombs are skipped:
+    the manifest counts them (``skipped``) and ``OUT/skipped.txt`` lists them with the reason
+    (uploaded before the manifest); ``strict=True`` stops at the first one instead. A source
+    with no readable file at all is an error.
 
     The shards are written into a temporary directory beside OUT that is renamed into place at
     the end, so an interrupted write never leaves a manifest pointing at partial shards. An
@@ -208,14 +227,20 @@ def write_shards(
     uploader = Uploader(post, keep_local) if post else None
     try:
         shapes: set[tuple[int, int, int]] = set()
-        encoded = encode_parallel(src, opts, workers, encode_item)
-        shards = _write_into(encoded, tmp, shard_size, shard_bytes, shapes, uploader)
-        total = sum(s["count"] for s in shards)
-        if total == 0:
-            raise ValueError(f"source {source} holds no images")
+        skipped: list[Skipped] = []
+        encoded = encode_parallel(src, opts, workers, encode_item, strict=strict)
+        shards = _write_into(encoded, tmp, shard_size, shard_bytes, shapes, skipped, uploader)
+        if not shards:
+            raise nothing_readable(str(source), skipped)
+        if skipped:
+            write_skip_list(tmp / SKIPPED, skipped)
+            if uploader is not None:
+                uploader.submit(tmp / SKIPPED, keep=True)
         if uploader is not None:
-            uploader.wait()  # every shard uploaded before the manifest
-        manifest = build_manifest(src, shards, shapes, opts, shard_size, shard_bytes)
+            uploader.wait()  # every shard (and the skip list) uploaded before the manifest
+        manifest = build_manifest(
+            src, shards, shapes, opts, shard_size, shard_bytes, skipped=len(skipped)
+        )
         _write_manifest(tmp / MANIFEST, manifest)
         if uploader is not None:
             uploader.submit(tmp / MANIFEST, keep=True)

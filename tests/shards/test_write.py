@@ -285,8 +285,8 @@ def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, kind, error, messa
     src = bad_source(tmp_path, kind)
     parent = tmp_path / "outputs"
     parent.mkdir()
-    with pytest.raises(error, match=message):
-        write_shards(src, parent / "out", shard_size=3)
+    with pytest.raises(error, match=message):  # an unreadable file fails only when strict
+        write_shards(src, parent / "out", shard_size=3, strict=kind == "unreadable")
     assert list(parent.iterdir()) == []  # no OUT, no manifest, no temp directory
 
 
@@ -330,7 +330,7 @@ def test_failed_overwrite_keeps_previous_shards(tmp_path: Path, digits_npz: Path
     before = write_shards(digits_npz, out, shard_size=1000)
     tree = bad_source(tmp_path / "t", "unreadable")  # fails after writing a few shards
     with pytest.raises(ValueError, match="unreadable image file"):
-        write_shards(tree, out, shard_size=1)
+        write_shards(tree, out, shard_size=1, strict=True)
     assert load_manifest(out) == before
     verify_shards(out)
     assert no_leftovers(tmp_path)
@@ -371,7 +371,10 @@ def test_file_list_source(tmp_path: Path) -> None:
     assert [s.get("cls") for s in read_all(tmp_path / "ints")] == [b"7", None]
     (tmp_path / "bad.txt").write_text("nope.png,1\n")
     with pytest.raises(ValueError, match=r"bad.txt:1: image file .*nope.png does not exist"):
+        write_shards(tmp_path / "bad.txt", tmp_path / "bad", strict=True)
+    with pytest.raises(ValueError, match=r"no readable images; 1 skipped: .*nope.png \(file does"):
         write_shards(tmp_path / "bad.txt", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_torchvision_dataset_on_disk(tmp_path: Path) -> None:
