@@ -65,6 +65,14 @@ def build_manifest(
     }
 
 
+def write_manifest(path: Path, manifest: dict) -> None:
+    """The manifest, flushed to disk (the writer then swaps the directory into place)."""
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def validate_manifest(m: Any, where: str) -> dict:
     """``m`` (parsed JSON read from ``where``) checked against the schema; fills in
     ``channels`` for manifests written before it was recorded."""

@@ -24,7 +24,7 @@ import webdataset as wds
 from selfclust.data.urls import MANIFEST
 from selfclust.shards.encode import ARRAY_FORMATS, ENCODINGS, encode_item
 from selfclust.shards.encode_pool import encode_parallel
-from selfclust.shards.manifest import FORMAT, build_manifest
+from selfclust.shards.manifest import FORMAT, build_manifest, write_manifest
 from selfclust.shards.skipped import SKIPPED, Skipped, nothing_readable, write_skip_list
 from selfclust.shards.sources import resolve_source
 from selfclust.shards.upload import Uploader
@@ -241,7 +241,7 @@ def write_shards(
         manifest = build_manifest(
             src, shards, shapes, opts, shard_size, shard_bytes, skipped=len(skipped)
         )
-        _write_manifest(tmp / MANIFEST, manifest)
+        write_manifest(tmp / MANIFEST, manifest)
         if uploader is not None:
             uploader.submit(tmp / MANIFEST, keep=True)
             uploader.wait()
@@ -279,14 +279,6 @@ def _check_args(
         )
     if post is not None and "{path}" not in post:
         raise ValueError(f"post command {post!r} must contain {{path}} (and usually {{name}})")
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    """The manifest, flushed to disk before the directory is swapped into place."""
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

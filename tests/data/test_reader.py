@@ -195,7 +195,10 @@ def test_bomb_refused_by_decoder_and_writer(tmp_path: Path) -> None:
     Image.fromarray(digits()[0][0]).save(tmp_path / "tree" / "a" / "ok.png")
     (tmp_path / "tree" / "a" / "zz.png").write_bytes(bomb_png())
     with pytest.raises(ValueError, match="zz.png.*decompression bomb"):
-        write_shards(tmp_path / "tree", tmp_path / "out")
+        write_shards(tmp_path / "tree", tmp_path / "out", strict=True)
+    manifest = write_shards(tmp_path / "tree", tmp_path / "out")  # default: skipped and listed
+    assert manifest["num_samples"] == 1 and manifest["skipped"] == 1
+    assert "zz.png" in (tmp_path / "out" / "skipped.txt").read_text()
 
 
 @pytest.fixture(scope="module")
