@@ -18,33 +18,9 @@ from types import ModuleType
 from typing import Any
 
 from selfclust.config import RunConfig
-from selfclust.data.preflight import preflight
+from selfclust.data.preflight import preflight, resolve_data
 from selfclust.errors import ERROR_LOG, UserError
 from selfclust.rundir import finished_summary, run_identity, write_summary
-
-
-def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
-    """A built-in dataset name becomes a shard dir under RUN_DIR/shards (written once); a
-    relative local path becomes absolute (from where the command runs: the Ray workers run
-    in another directory)."""
-    from selfclust.data.urls import is_local
-    from selfclust.shards.sources import BUILTIN
-    from selfclust.shards.write import write_shards
-
-    updates: dict[str, Any] = {}
-    for key in ("train", "eval"):
-        name = getattr(cfg.data, key)
-        if name in BUILTIN and not Path(name).exists():
-            out = run_dir / "shards" / name
-            if not (out / "manifest.json").is_file():
-                write_shards(name, out)
-            updates[key] = str(out.resolve())
-        elif name and is_local(name) and not os.path.isabs(name):
-            updates[key] = os.path.abspath(name)
-    if not updates:
-        return cfg
-    data = cfg.data.model_copy(update=updates)
-    return cfg.model_copy(update={"data": data})
 
 
 def ray_train_context() -> ModuleType | None:
@@ -128,6 +104,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         train_loop(cfg, ctx)
     except UserError:
         _log_user_error(ctx.run_dir, ctx.rank)
+        _hide_user_error_logs(worker=True)
         raise
 
 
@@ -138,16 +115,47 @@ def _log_user_error(run_dir: Path, rank: int) -> None:
         f.write(f"--- {stamp} rank {rank}\n{traceback.format_exc()}\n")
 
 
+# Ray Train's loggers that repeat a user error with its traceback on the terminal: a
+# worker's "Error in training function" and the controller's failure decision. Private
+# module names (ray==2.60.*, tests/test_launch_private.py).
+RAY_ERROR_LOGGERS = (
+    "ray.train.v2._internal.util",
+    "ray.train.v2._internal.execution.failure_handling.default",
+)
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drops a record about a user error (the CLI prints it once; error.log has it whole):
+    one whose exception is a user error, or any, in a worker that is ending on one."""
+
+    def __init__(self, worker: bool) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (self.worker or (error is not None and _user_error(error) is not None))
+
+
+def _hide_user_error_logs(worker: bool) -> None:
+    for name in RAY_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+            logger.addFilter(_UserErrorFilter(worker))
+
+
 def _stop_on_user_error() -> Any:
     """A callback on Ray Train's controller that raises a worker's :class:`UserError` there:
     the run ends at once (Ray Train retries worker failures, never the controller's)."""
-    from ray.train import UserCallback
+    from ray.train import ControllerError, UserCallback
 
     class StopOnUserError(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
             for _, error in sorted(worker_exceptions.items()):
                 if isinstance(error, UserError):
-                    raise error
+                    _hide_user_error_logs(worker=False)
+                    # as a ControllerError, the controller does not log it again
+                    raise ControllerError(error)
 
     return StopOnUserError()
 

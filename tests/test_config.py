@@ -167,7 +167,7 @@ def test_method_configs_load():
 def test_relative_local_shard_paths_become_absolute(tmp_path: Path, monkeypatch) -> None:
     """Ray workers run in another directory: a relative `data.train` must reach them absolute;
     URLs and pipe: commands pass through unchanged."""
-    from selfclust.launch import resolve_data
+    from selfclust.data.preflight import resolve_data
 
     quickstart = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 

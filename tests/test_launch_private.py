@@ -89,3 +89,14 @@ def test_report_poll_interval_is_rays_propagated_variable() -> None:
     assert [launch.report_poll_interval(w) for w in (1, 2, 20, 100, 400, 4096)] == [
         0.1, 0.1, 0.1, 0.5, 2.0, 2.0
     ]  # fmt: skip
+
+
+def test_the_loggers_that_repeat_a_user_error_exist() -> None:
+    """A worker's user error is printed once by the CLI; selfclust.launch filters the records
+    of the two Ray Train loggers that would print it again with a traceback."""
+    import importlib
+
+    for name in launch.RAY_ERROR_LOGGERS:
+        module = importlib.import_module(name)
+        assert getattr(module, "logger", None) is not None, f"{name} has no logger: {WHY}"
+        assert module.logger.name == name, f"{name}'s logger was renamed: {WHY}"

@@ -1,5 +1,6 @@
-"""The driver's check, before any worker starts, that every shard of a set is where its
-manifest says and of the size it records.
+"""The driver's work on the data before any worker starts: built-in sets sharded and paths made
+absolute (:func:`resolve_data`), then the checks (:func:`preflight`): every shard of a set is
+where its manifest says and of the size it records (:func:`check_shards`), K <= N, batch <= N.
 
 Without it a missing shard is found by every Ray worker at once, each with its traceback, and
 Ray Train restarts the group until its attempts are spent; here it is one line naming the shard.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from selfclust.config import RunConfig
 from selfclust.data.plan import steps_per_epoch
@@ -141,3 +144,26 @@ def preflight(cfg: RunConfig) -> None:
         )
     workers = max(1, cfg.trainer.num_workers)
     steps_per_epoch(n, workers, cfg.optim.batch_size // workers)  # raises if N < batch
+
+
+def resolve_data(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """A built-in dataset name becomes a shard dir under RUN_DIR/shards (written once); a
+    relative local path becomes absolute (from where the command runs: the Ray workers run
+    in another directory)."""
+    from selfclust.shards.sources import BUILTIN
+    from selfclust.shards.write import write_shards
+
+    updates: dict[str, Any] = {}
+    for key in ("train", "eval"):
+        name = getattr(cfg.data, key)
+        if name in BUILTIN and not Path(name).exists():
+            out = run_dir / "shards" / name
+            if not (out / "manifest.json").is_file():
+                write_shards(name, out)
+            updates[key] = str(out.resolve())
+        elif name and is_local(name) and not os.path.isabs(name):
+            updates[key] = os.path.abspath(name)
+    if not updates:
+        return cfg
+    data = cfg.data.model_copy(update=updates)
+    return cfg.model_copy(update={"data": data})
