@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfclust.config.methods import key_owners
+from selfclust.config.sections import AugmentConfig
 
 
 class RemovedKeyWarning(UserWarning):
@@ -134,7 +135,8 @@ def fixed_error(key: str, value: Any, entry: Fixed, method: str) -> str:
 
 # Keys merged into one: the new key and the old keys it replaced.
 MERGED = {"augment.jitter": ("augment.brightness", "augment.contrast", "augment.saturation")}
-_JITTER_DEFAULT = 0.4  # the old keys' default, and augment.jitter's
+# The old keys' default was augment.jitter's.
+_JITTER_DEFAULT = AugmentConfig.model_fields["jitter"].default
 
 
 def merge_keys(tree: dict[str, Any], strict: bool) -> str | None:
