@@ -159,6 +159,47 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from selfclust.export import write_export
+    from selfclust.rundir import default_output
+
+    out = Path(args.out) if args.out else default_output(Path(args.target), "export.pt")
+    export = write_export(args.target, out)
+    ident = export["identity"]
+    heads = len(export["heads"]["weight"]) if "heads" in export else 1
+    print(
+        f"wrote {out}: {export['method']} {export['arch']} backbone + {heads} head(s) "
+        f"(best {export['best_head']}), step {ident['position'].get('global_step')} of "
+        f"{ident['run_name'] or ident['checkpoint']}; load it with selfclust.load_model"
+    )
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from selfclust.assign import assign
+
+    done = assign(
+        args.target,
+        args.data,
+        args.out,
+        heads=args.heads,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        image_size=args.image_size,
+    )
+    heads = ", ".join(str(h) for h in done["heads"])
+    line = (
+        f"assigned {done['assigned']:,} images (head {heads}; {done['clusters_used']} clusters "
+        f"used) on {done['ranks']} rank(s) into {done['out']}"
+    )
+    if done["skipped"]:
+        line += f"; skipped {done['skipped']} unreadable, listed in {done['skipped_file']}"
+    if done["ignored"]:
+        line += f"; ignored {done['ignored']} files that are not images by their extension"
+    print(line)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from selfclust.config.doc import render
 
