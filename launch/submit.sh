@@ -2,8 +2,10 @@
 # Submit (or resume) a selfclust training run on a running Ray cluster with `ray job submit`.
 #
 #   launch/submit.sh --name RUN_NAME [--address URL] [--root DIR] [--no-wait] [--dry-run] \
-#       CONFIG [key=value ...]
+#       [--verbose] CONFIG [key=value ...]
 #
+# --verbose: `selfclust train --verbose`, the workers' Ray output in the job log too (default:
+# only in the run dir's ray.log).
 # RUN_NAME is the run's persistent id: the run dir is ROOT/runs/RUN_NAME on storage every node
 # sees (default ROOT=/shared, the EFS/Filestore mount of launch/*-gpu-spot.yaml), and each
 # attempt's job id is RUN_NAME-<UTC time>. Submitting the same RUN_NAME again (after a
@@ -31,7 +33,7 @@ usage() {
 }
 
 name="" root="/shared" address="${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-http://127.0.0.1:8265}}"
-wait_flag=() dry_run=0
+wait_flag=() dry_run=0 verbose_flag=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) name=${2:?--name needs a value}; shift 2 ;;
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
     --address) address=${2:?--address needs a value}; shift 2 ;;
     --no-wait) wait_flag=(--no-wait); shift ;;
     --dry-run) dry_run=1; shift ;;
+    --verbose) verbose_flag=(--verbose); shift ;;
     -h|--help) usage ;;
     --) shift; break ;;
     -*) echo "error: unknown option $1" >&2; usage ;;
@@ -91,7 +94,8 @@ PY
 
 cmd=(ray job submit --address "$address" --submission-id "$submission_id"
   --metadata-json "{\"selfclust_run\": \"$name\"}" ${wait_flag[@]+"${wait_flag[@]}"})
-entry=(selfclust train "$config_file" --run-dir "$run_dir" ray.address=auto "$@")
+entry=(selfclust train "$config_file" --run-dir "$run_dir" ${verbose_flag[@]+"${verbose_flag[@]}"}
+  ray.address=auto "$@")
 
 if [ "$dry_run" = 1 ]; then
   printf 'run dir:      %s\n' "$run_dir"

@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, verbose=args.verbose)
     print_heads(summary["heads"], summary.get("best_head"))
     acc, nmi = summary.get("acc"), summary.get("nmi")
     if acc is not None:
@@ -96,6 +96,11 @@ def _add_train(sub: Any) -> None:
     t.add_argument("config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
     t.add_argument("--run-dir", help="run directory (default runs/CONFIG_NAME); rerun to resume")
+    t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output on the terminal (default: only in RUN_DIR/ray.log)",
+    )
     t.set_defaults(func=cmd_train)
 
 

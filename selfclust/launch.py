@@ -20,6 +20,7 @@ from typing import Any
 from selfclust.config import RunConfig
 from selfclust.data.preflight import preflight, resolve_data
 from selfclust.errors import ERROR_LOG, UserError
+from selfclust.ray_console import RayOutput
 from selfclust.rundir import finished_summary, run_identity, write_summary
 
 
@@ -255,8 +256,10 @@ def _torch_trainer(cfg: RunConfig, run_dir: Path, info: dict[str, Any], storage:
     )
 
 
-def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume) the run in ``run_dir``; return the summary written to summary.json."""
+def train(cfg: RunConfig, run_dir: str | Path, verbose: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; return the summary written to summary.json.
+    Ray's output goes to RUN_DIR/ray.log, or with ``verbose`` also to the terminal
+    (:mod:`selfclust.ray_console`)."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # The driver's value reaches the controller (Ray propagates its RAY_TRAIN_* variables); a
     # value the user set wins.
@@ -270,17 +273,20 @@ def train(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     if done is not None:
         print(f"{run_dir} already finished at step {done['steps']}: nothing to train")
         return done
-    _init_ray(cfg)
-    storage = cfg.ray.storage_path or str(run_dir / "ray")
-    try:
-        result = _torch_trainer(cfg, run_dir, info, storage).fit()
-        if result.error is not None:
-            raise result.error
-    except Exception as e:  # a worker's user error: one line (cli), the traceback logged
-        user = _user_error(e)
-        if user is None:
-            raise
-        raise type(user)(f"{user} (traceback: {run_dir / ERROR_LOG})") from None
+    # (Ray's driver logs move to ray.log before the cluster starts; the bar ends at the end)
+    with RayOutput(run_dir, verbose, local=not cfg.ray.address) as output:
+        _init_ray(cfg)
+        output.worker_output()
+        storage = cfg.ray.storage_path or str(run_dir / "ray")
+        try:
+            result = _torch_trainer(cfg, run_dir, info, storage).fit()
+            if result.error is not None:
+                raise result.error
+        except Exception as e:  # a worker's user error: one line (cli), the traceback logged
+            user = _user_error(e)
+            if user is None:
+                raise
+            raise type(user)(f"{user} (traceback: {run_dir / ERROR_LOG})") from None
     metrics = result.metrics or {}
     if result.checkpoint is None or "summary" not in metrics:
         raise RuntimeError(f"training ended without a final checkpoint; see {storage}")

@@ -1,4 +1,4 @@
-"""Rank-0 metrics: ``metrics.jsonl`` in the run dir, Weights & Biases, and a progress line.
+"""Rank-0 metrics: ``metrics.jsonl`` in the run dir, Weights & Biases, and progress events.
 
 W&B runs offline by default (``wandb/offline-run-*`` in the run dir, uploadable later with
 ``wandb sync``); ``online`` needs ``WANDB_API_KEY`` in the environment, which is never read,
@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from selfclust.config import RunConfig
+from selfclust.console import event_line
 
 _log = logging.getLogger("selfclust")
 
@@ -118,15 +117,17 @@ class MetricsLog:
 
 
 class Progress:
-    """A one-line progress report with images/s and ETA, printed every ``log_every`` steps."""
+    """Rank 0's progress events for the driver's console (:mod:`selfclust.console`): a
+    training line every ``log_every`` steps and a line per label update."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
-        self.total = total_steps
+    def __init__(self, total_steps: int, epochs: int, enabled: bool) -> None:
+        self.total, self.epochs = total_steps, epochs
         self.enabled = enabled
-        self._t0 = time.perf_counter()
-        self._s0 = start_step
-        self._last_t = self._t0
-        self._last_s = start_step
+        self.start(0)
+
+    def start(self, step: int) -> None:
+        """Training (re)starts at ``step``: images/s counts from here."""
+        self._last_t, self._last_s = time.perf_counter(), step
 
     def rate(self, step: int, batch: int) -> float:
         """Images/s since the previous call (global batch)."""
@@ -135,16 +136,28 @@ class Progress:
         self._last_t, self._last_s = now, step
         return r
 
-    def line(self, step: int, epoch: int, epochs: int, loss: float, ips: float) -> None:
+    def step(self, step: int, epoch: int, loss: float, ips: float) -> None:
+        self._emit({"kind": "step", "step": step, "total": self.total, "epoch": epoch,
+                    "epochs": self.epochs, "loss": loss, "ips": ips})  # fmt: skip
+
+    def labels(self, record: dict[str, Any], initial: bool) -> None:
+        """A label update, from its metrics record (duration, Sinkhorn iterations and
+        cluster sizes, where the method has them)."""
+        keys = ("step", "epoch", "event", "label_seconds", "sinkhorn_iters",
+                "cluster_size_min", "cluster_size_max")  # fmt: skip
+        event = {k: _clean(record[k]) for k in keys if k in record}
+        if "label_seconds" in event:
+            event["seconds"] = event.pop("label_seconds")
+        self._emit({"kind": "labels", "epochs": self.epochs, "initial": initial, **event})
+
+    def resumed(self, record: dict[str, Any]) -> None:
+        """Training resumes from a checkpoint (a restart, or the command run again)."""
+        self._emit({"kind": "resumed", "step": record["step"], "epoch": record["epoch"],
+                    "epochs": self.epochs, "workers": record["workers"]})  # fmt: skip
+
+    def _emit(self, event: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        done = step - self._s0
-        spent = time.perf_counter() - self._t0
-        eta = spent / done * (self.total - step) if done else float("nan")
-        eta_s = tqdm.format_interval(eta) if math.isfinite(eta) else "?"
         # A log record, not print(): Ray Train tees print() to the console twice once W&B has
         # wrapped sys.stdout; its root logger shows records once (and files them per worker).
-        _log.info(
-            f"[selfclust] step {step}/{self.total} epoch {epoch + 1}/{epochs} "
-            f"loss {loss:.4f} {ips:,.0f} img/s ETA {eta_s}"
-        )
+        _log.info(event_line(event))

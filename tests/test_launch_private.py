@@ -1,9 +1,10 @@
-"""Ray Train V2's private execution context, behind selfclust.launch.ray_train_context.
+"""Ray's private APIs that selfclust uses, checked against the pinned Ray.
 
 The launcher uses ``ray.train.v2._internal.execution.context`` for two things Ray has no
 public API for: the name of the logger of the per-report INFO lines, and a worker's own copy
-of a preemption notice (read without a barrier). These tests fail, naming the pin, when an
-upgrade moves either.
+of a preemption notice (read without a barrier); selfclust.ray_console uses the driver's
+dispatcher of forwarded worker output and the "ray" logger's handler to send Ray's output to
+RUN_DIR/ray.log. These tests fail, naming the pin, when an upgrade moves any of them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def _pin(name: str) -> str:
 WHY = (
     f"ray {version('ray')} is installed; selfclust pins {_pin('ray')} (pyproject.toml) because "
     "selfclust.launch uses the private ray.train.v2._internal.execution.context"
+)
+
+
+CONSOLE_WHY = (
+    f"ray {version('ray')} is installed; selfclust pins {_pin('ray')} (pyproject.toml) because "
+    "selfclust.ray_console uses Ray's private dispatcher of worker output and driver logging"
 )
 
 
@@ -100,3 +107,37 @@ def test_the_loggers_that_repeat_a_user_error_exist() -> None:
         module = importlib.import_module(name)
         assert getattr(module, "logger", None) is not None, f"{name} has no logger: {WHY}"
         assert module.logger.name == name, f"{name}'s logger was renamed: {WHY}"
+
+
+def test_where_ray_prints_forwarded_output_on_the_driver() -> None:
+    """selfclust.ray_console replaces Ray's printer of the workers' output in Ray's dispatcher
+    (the handler ray._private.worker.connect registers by name) and files the autoscaler's
+    lines as Ray's filter of them leaves them."""
+    import inspect
+
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from selfclust import ray_console
+
+    d = ray_console.dispatcher()
+    assert isinstance(d, WorkerStandardStreamDispatcher), CONSOLE_WHY
+    assert ray_worker.global_worker_stdstream_dispatcher is d, CONSOLE_WHY
+    for method in ("add_handler", "remove_handler", "emit"):
+        assert callable(getattr(d, method, None)), f"the dispatcher has no {method}: {CONSOLE_WHY}"
+    connect = inspect.getsource(ray_worker.connect)
+    assert f'"{ray_console.PRINT_HANDLER}"' in connect, f"Ray's printer was renamed: {CONSOLE_WHY}"
+    assert "functools.partial(print_to_stdstream" in connect, CONSOLE_WHY
+    assert callable(getattr(ray_worker, "filter_autoscaler_events", None)), CONSOLE_WHY
+
+
+def test_rays_driver_notices_are_records_of_the_ray_logger() -> None:
+    """The token-authentication notice and the cluster's start are records of loggers under
+    "ray", whose stderr handler importing Ray installs: ray_console moves that handler."""
+    import ray  # noqa: F401
+    from ray._private.authentication import authentication_token_setup as auth
+
+    assert auth.logger.name.startswith("ray."), CONSOLE_WHY
+    assert callable(getattr(auth, "_warn_token_auth_enabled", None)), CONSOLE_WHY
+    handlers = logging.getLogger("ray").handlers
+    assert any(type(h).__name__ == "PlainRayHandler" for h in handlers), CONSOLE_WHY

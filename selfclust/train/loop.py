@@ -9,6 +9,7 @@ schedule → step → log → checkpoint) per epoch → final scoring. Read top 
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -64,6 +65,7 @@ class Trainer:
         m = cfg.method
         self.bank = LabelBank(m.heads, self.n, m.clusters)
         self.log = MetricsLog(ctx.run_dir, cfg, ctx.wandb_id, enabled=ctx.rank == 0)
+        self.progress = Progress(self.total_steps, self.epochs, enabled=ctx.rank == 0)
         self.losses = LossTracker(m.heads, self.method.terms)
         self.health = DataHealth()
         self.preemption = PreemptionWatcher(ctx)
@@ -82,7 +84,7 @@ class Trainer:
             self.restore(ctx.checkpoint_dir)
         elif self.pos.phase == "cluster":
             self.relabel(initial=True)
-        self.progress = Progress(self.total_steps, self.pos.global_step, enabled=ctx.rank == 0)
+        self.progress.start(self.pos.global_step)
         every = cfg.checkpoint.every_steps
         while self.pos.epoch < self.epochs and not self.method.stopped:
             if self.pos.phase == "pretrain" and self.pos.epoch >= self.method.pretrain_epochs:
@@ -140,7 +142,7 @@ class Trainer:
         if first is not None:  # SeLa's random labels: no pass over the data
             self.bank.assign(first)
             return
-        step, epoch, n = self.pos.global_step, self.pos.epoch, self.n
+        step, epoch, n, t0 = self.pos.global_step, self.pos.epoch, self.n, time.perf_counter()
         # Marks the start of a full pass over the data (fault tests kill a worker inside it).
         self.log.log({"step": step, "epoch": epoch, "event": "label_pass_start",
                       "initial": initial})  # fmt: skip
@@ -158,7 +160,9 @@ class Trainer:
         record["label_change"] = self.bank.assign(new)
         # DEC's stop rule: the same bank, so the same on all ranks
         record.update(self.method.after_change(record["label_change"], initial))
-        self.log.log(label_record(record, new, self.bank, emb, self.ctx.rank))
+        record = label_record(record, new, self.bank, emb, self.ctx.rank, started=t0)
+        self.log.log(record)
+        self.progress.labels(record, initial)
         if not initial:
             self.pos.labels_step = step
         # A label pass costs a full sweep of the data: never redo one after a failure.
@@ -198,7 +202,9 @@ class Trainer:
         self.losses.load_state_dict(extra)
         self.health.load_state_dict(extra)
         saved_world = int(extra.get("world_size", self.ctx.world_size))
-        self.log.log(resumed_record(self.pos, saved_world, self.ctx.world_size))
+        resumed = resumed_record(self.pos, saved_world, self.ctx.world_size)
+        self.log.log(resumed)
+        self.progress.resumed(resumed)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """All ranks call this; rank 0 writes the state and Ray persists it."""
@@ -228,7 +234,7 @@ class Trainer:
         ips = self.progress.rate(self.pos.global_step, self.cfg.optim.batch_size)
         record = train_record(self, mean_losses, bad, ips)
         self.log.log(record)
-        self.progress.line(self.pos.global_step, self.pos.epoch, self.epochs, record["loss"], ips)
+        self.progress.step(self.pos.global_step, self.pos.epoch, record["loss"], ips)
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the collectives they contain are called by every rank.
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,10 +83,17 @@ def train_record(
 
 
 def label_record(
-    record: dict[str, Any], new: torch.Tensor, bank: LabelBank, emb: Embedded, rank: int
+    record: dict[str, Any],
+    new: torch.Tensor,
+    bank: LabelBank,
+    emb: Embedded,
+    rank: int,
+    started: float,
 ) -> dict[str, Any]:
-    """A label update's line: agreement between heads, cluster sizes and, when ground truth
-    is known, head 0's pseudo-label accuracy (evaluation only, never fed back)."""
+    """A label update's line: agreement between heads, cluster sizes, when ground truth is
+    known head 0's pseudo-label accuracy (evaluation only, never fed back), and the update's
+    duration in seconds (``label_seconds``: this rank's, since ``started``, a
+    ``time.perf_counter()``)."""
     n = bank.labels.shape[1]
     if rank == 0 and new.shape[0] > 1:  # rank 0 only: no collectives inside
         agree = head_agreement(new[:, :100_000].numpy())  # capped: 45 NMIs at N=1.28M stall
@@ -100,6 +108,7 @@ def label_record(
         y = torch.empty(n, dtype=torch.int64)
         y[gt[:, 0]] = gt[:, 1]
         record["pseudo_acc_head0"] = clustering_scores(y.numpy(), new[0].numpy())["acc"]
+    record["label_seconds"] = time.perf_counter() - started
     return record
 
 

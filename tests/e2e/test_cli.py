@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def test_train_evaluate_resume(
     args = train_cmd(digits_shards, run)[3:]  # from "train" on
     printed = (run.parent / "log.txt").read_text()
     assert "ACC" in printed and "NMI" in printed
+    assert_quiet_console(printed, run)
 
     assert summary["steps"] == STEPS and summary["epochs"] == 8
     assert len(summary["heads"]) == 2 and summary["num_samples"] == 1797
@@ -95,6 +97,54 @@ def test_train_evaluate_resume(
     r = selfclust(*args, "optim.lr=0.2")
     assert r.returncode == 2
     assert "optim.lr" in r.stderr and "another config" in r.stderr
+
+
+def assert_quiet_console(printed: str, run: Path) -> None:
+    """A default run's terminal (not a TTY here): occasional progress lines, a line per label
+    update, the results table; none of Ray's lines, which are in RUN_DIR/ray.log."""
+    lines = printed.splitlines()
+    steps = [x for x in lines if x.startswith("[selfclust] step ")]
+    # every trainer.log_every=5 steps an event, a line at each tenth of the 224 steps
+    assert 8 <= len(steps) <= 12 and all(" img/s ETA " in x for x in steps), steps
+    assert "\r" not in printed
+    assert any(x.startswith("[selfclust] first labels (kmeans_pixels) at step 0") for x in lines)
+    update = next(x for x in lines if x.startswith("[selfclust] labels at step 52 "))
+    assert re.search(r": \d+\.\d s, Sinkhorn \d+ iterations, clusters of \d+-\d+ samples$", update)
+    assert any(x.startswith("head       acc       nmi") for x in lines)
+    for ray_line in (" INFO ", "WARNING", "core_worker.cc", "Token authentication", "pid=",
+                     "Started a local Ray instance"):  # fmt: skip
+        assert ray_line not in printed, ray_line
+    log = (run / "ray.log").read_text()
+    assert "core_worker.cc" in log and "Started a local Ray instance" in log
+    assert "(TrainController pid=" in log and "(RayTrainWorker pid=" in log
+
+
+@pytest.mark.slow
+def test_console_verbose_and_token_auth(shards: Path, tmp_path: Path) -> None:
+    """Token authentication stays on for the local cluster selfclust starts, and its notice
+    goes to RUN_DIR/ray.log, not the terminal; ``--verbose`` shows Ray's output as before."""
+    quick = ("optim.epochs=1", "method.relabels=2")
+    home = tmp_path / "home"  # Ray keeps the token it generates in ~/.ray/auth_token
+    env = {**os.environ, "WANDB_MODE": "offline", "HOME": str(home)}
+    env.pop("RAY_AUTH_MODE", None)
+    run = tmp_path / "quiet"
+    r = subprocess.run(train_cmd(shards, run, *quick), capture_output=True, text=True,
+                       timeout=600, env=env, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Token authentication" not in r.stdout + r.stderr
+    assert "core_worker.cc" not in r.stdout + r.stderr and "pid=" not in r.stdout + r.stderr
+    assert "Token authentication is enabled for this Ray cluster" in (run / "ray.log").read_text()
+    assert (home / ".ray" / "auth_token").is_file()  # the cluster ran with token auth
+
+    run = tmp_path / "verbose"
+    r = selfclust(*train_cmd(shards, run, *quick, "--verbose")[3:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Started a local Ray instance" in r.stderr and "(TrainController pid=" in r.stderr
+    assert "(RayTrainWorker pid=" in r.stderr and "selfclust:progress" not in r.stderr
+    steps = [x for x in r.stderr.splitlines() if x.startswith("[selfclust] step ")]
+    assert len(steps) == 28 // 5  # a line per event, as before
+    assert "[selfclust] labels at step " in r.stderr and "ACC" in r.stdout
+    assert "Started a local Ray instance" in (run / "ray.log").read_text()
 
 
 @pytest.mark.slow
