@@ -1,5 +1,6 @@
-"""The ``selfclust`` command line: the argument parser of shard, train, evaluate, probe and
-config, :func:`main`, which runs the chosen command and turns its errors into exit code 2,
+"""The ``selfclust`` command line: the argument parser of shard, train, evaluate, probe,
+export, assign and config, :func:`main`, which runs the chosen command and turns its errors
+into exit code 2,
 and :func:`cmd_train` (``selfclust train`` → :func:`selfclust.launch.train`); the other
 commands are in :mod:`selfclust.commands`."""
 
@@ -10,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selfclust.commands import cmd_config, cmd_evaluate, cmd_probe, cmd_shard, pictures, print_heads
+from selfclust.commands import (
+    cmd_assign,
+    cmd_config,
+    cmd_evaluate,
+    cmd_export,
+    cmd_probe,
+    cmd_shard,
+    pictures,
+    print_heads,
+)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -152,6 +162,35 @@ def _add_probe(sub: Any) -> None:
     pr.set_defaults(func=cmd_probe)
 
 
+def _add_export(sub: Any) -> None:
+    x = sub.add_parser(
+        "export", help="write the backbone and heads as a file other code loads (docs/export.md)"
+    )
+    x.add_argument("target", help="a run dir (its final checkpoint) or a checkpoint dir")
+    x.add_argument("--out", help="the file to write (default RUN_DIR/export.pt, or ./export.pt)")
+    x.set_defaults(func=cmd_export)
+
+
+def _add_assign(sub: Any) -> None:
+    a = sub.add_parser("assign", help="the cluster of every image of a shard set or image folder")
+    a.add_argument("target", help="an export file, a run dir or a checkpoint dir")
+    a.add_argument("--data", required=True, help="shards (as data.train) or a folder of images")
+    a.add_argument("--out", required=True, help="a .csv or .parquet file to write")
+    a.add_argument(
+        "--heads", default="best", help="best (lowest training loss), all, or numbers: 0,2"
+    )
+    a.add_argument("--batch-size", type=int, default=256)
+    a.add_argument("--image-size", type=int, help="resize images (default: the model's size)")
+    a.add_argument(
+        "--workers",
+        type=_probe_workers,
+        default="auto",
+        help="local ranks, each taking every N-th shard or file (on cuda:RANK when CUDA "
+        "exists); auto: one per GPU above 50,000 images, else 1",
+    )
+    a.set_defaults(func=cmd_assign)
+
+
 def _add_config(sub: Any) -> None:
     from selfclust.config import METHODS
     from selfclust.config.doc import FORMATS
@@ -176,7 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-labelling (SeLa) at scale: shard data, train on Ray, evaluate.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_shard, _add_train, _add_evaluate, _add_probe, _add_config):
+    for add in (
+        _add_shard,
+        _add_train,
+        _add_evaluate,
+        _add_probe,
+        _add_export,
+        _add_assign,
+        _add_config,
+    ):
         add(sub)
     return p
 
