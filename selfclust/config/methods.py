@@ -31,12 +31,13 @@ class SelaMethod(MethodBase):
         description="Sinkhorn λ: inverse entropic regularisation of the equal-size label "
         "assignment (SeLa: 25)",
     )
-    sinkhorn_logits: Literal["stored", "recomputed"] = Field(
-        "stored",
+    sinkhorn_logits: Literal["auto", "stored", "recomputed"] = Field(
+        "auto",
         description="stored: each head's [n, K] logits are held during its Sinkhorn solve; "
         "recomputed: rebuilt from the features in row chunks whenever the solver reads them "
         "(one block less at peak, one n x D x K product per rebuild; the same labels up to "
-        "float rounding). Use recomputed when a label pass runs out of GPU memory",
+        "float rounding); auto: stored on the CPU, and on a GPU while two n x K float32 "
+        "blocks take at most half its free memory, else recomputed",
     )
     init: Literal["kmeans", "kmeans_pixels", "manifold_pixels", "random"] = Field(
         "random",

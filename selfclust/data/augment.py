@@ -88,10 +88,30 @@ def _params(cfg: AugmentConfig, seed: int, epoch: int, idx: np.ndarray, view: in
     return out
 
 
+def draw_params(
+    cfg: AugmentConfig, seed: int, epoch: int, idx: torch.Tensor, view: int = 0
+) -> torch.Tensor:
+    """float32 [B, 11] augmentation parameters of samples ``idx`` on the host. The training
+    loader's workers draw them with each batch (``train_batches(device_augment=...)``), so the
+    step neither spends host time on them nor waits for a copy."""
+    return torch.from_numpy(_params(cfg, seed, epoch, idx.cpu().numpy(), view)).float()
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] → [N, 1, H, W]."""
-    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device)
-    return torch.einsum("nchw,c->nhw", x, w).unsqueeze(1)
+    return torch.einsum("nchw,c->nhw", x, _luma_weights(x.dtype, x.device)).unsqueeze(1)
+
+
+_WEIGHTS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _luma_weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The luma weights on ``device``, made once: building a tensor from Python numbers on a
+    GPU is a blocking host-to-device copy, which would stall every step."""
+    key = (dtype, device)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = torch.tensor(_GRAY, dtype=dtype, device=device)
+    return _WEIGHTS[key]
 
 
 def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -114,9 +134,10 @@ def colour(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         s = factor(9)  # saturation: blend with the grayscale image
         gray_x = (1 - s) * _luma(x)  # before x changes in place
         x = x.mul_(s).add_(gray_x).clamp_(0, 1)
-        gray = p[:, 10] > 0
-        if gray.any():
-            x[gray] = _luma(x[gray]).expand(-1, 3, -1, -1)
+        # Every sample's luma, kept where the draw says grayscale: no data-dependent branch or
+        # boolean indexing, which would make the host wait for the GPU.
+        gray = (p[:, 10] > 0).view(n, 1, 1, 1)
+        x = torch.where(gray, _luma(x).expand(-1, 3, -1, -1), x)
     return x
 
 
@@ -128,11 +149,14 @@ def augment(
     epoch: int,
     size: int | None = None,
     view: int = 0,
+    params: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 [B, C, H, W] (any device) + idx [B] → augmented, standardised float [B, C, s, s]."""
-    p = torch.from_numpy(_params(cfg, seed, epoch, idx.cpu().numpy(), view)).to(
-        images.device, torch.float32
-    )
+    """uint8 [B, C, H, W] (any device) + idx [B] → augmented, standardised float [B, C, s, s].
+
+    ``params``: the batch's :func:`draw_params` when the loader already drew them."""
+    p = draw_params(cfg, seed, epoch, idx, view) if params is None else params
+    if p.device != images.device:  # pinned, so the copy does not wait for the GPU
+        p = (p.pin_memory() if images.is_cuda else p).to(images.device, non_blocking=True)
     x = images.float().div_(255.0)
     b, ch, h, w = x.shape
     out = size or h

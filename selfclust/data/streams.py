@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from selfclust.config import AugmentConfig
 from selfclust.data import plan
-from selfclust.data.augment import LoaderAugment
+from selfclust.data.augment import LoaderAugment, draw_params
 from selfclust.data.collate import Decoder
 from selfclust.data.reader import DataStats
 from selfclust.data.shardset import ShardSet
@@ -136,7 +137,8 @@ def train_batches(
     image_size: int | None = None,
     loader_augment: AugmentConfig | None = None,
     pin_memory: bool = False,
-) -> Batches[tuple[torch.Tensor, torch.Tensor]]:
+    device_augment: AugmentConfig | None = None,
+) -> Batches[tuple[torch.Tensor, ...]]:
     """One training epoch of this rank: exactly ``steps_per_epoch(...) - skip_steps`` batches
     ``(images uint8 [B,C,H,W], idx int64 [B])`` on every rank.
 
@@ -147,7 +149,9 @@ def train_batches(
     ``loader_augment``: augment in the loader workers instead (see
     :class:`~selfclust.data.augment.LoaderAugment`); images are then the augmented uint8 crops of
     size ``image_size`` (default: the manifest's uniform size). The returned :class:`Batches`
-    carries the bad-data counts in ``.stats``.
+    carries the bad-data counts in ``.stats``. ``device_augment``: each batch is
+    ``(images, idx, params)``, with the device augmentation's ``draw_params`` of the batch
+    drawn by the loader workers (:func:`~selfclust.data.augment.augment` ``params=``).
     """
     _check_rank(rank, world_size, batch_size)
     if seed < 0 or epoch < 0 or shuffle_buffer < 0:
@@ -157,6 +161,8 @@ def train_batches(
     steps = plan.steps_per_epoch(shards.num_samples, world_size, batch_size)
     if not 0 <= skip_steps <= steps:
         raise ValueError(f"skip_steps must be in [0, {steps}], got {skip_steps}")
+    if loader_augment is not None and device_augment is not None:
+        raise ValueError("augment in the loader or on the device, not both")
     aug = None
     if loader_augment is not None:
         aug = _loader_augment(shards, loader_augment, image_size, seed, epoch)
@@ -173,9 +179,11 @@ def train_batches(
     skips, rotate = plan.resume_point(order, skip_steps, n_roles)
     key = (seed, epoch, rank, world_size, n_roles)
     decoder = Decoder(shards.channels, image_size, aug)
+    params = None if device_augment is None else partial(draw_params, device_augment, seed, epoch)
     dataset = TrainStream(
-        roles, role_steps, skips, rotate, batch_size, key, shuffle_buffer, decoder, shards.timeout_s
-    )
+        roles, role_steps, skips, rotate, batch_size, key, shuffle_buffer, decoder,
+        shards.timeout_s, params,
+    )  # fmt: skip
     loader = _loader(dataset, n_roles if num_workers > 0 else 0, pin_memory)
     return _in_planned_order(loader, order[skip_steps:])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -64,10 +64,11 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int,
         decoder: Decoder,
         timeout_s: float,
+        params: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.roles, self.steps, self.skips, self.rotate = roles, steps, skips, rotate
         self.batch_size, self.key, self.shuffle_buffer = batch_size, key, shuffle_buffer
-        self.decoder, self.timeout_s = decoder, timeout_s
+        self.decoder, self.timeout_s, self.params = decoder, timeout_s, params
 
     def _samples(self, role: int, stats: DataStats) -> Iterator[dict]:
         """The worker's samples, pass after pass. Each pass is shuffled on its own, so pass 0
@@ -95,7 +96,7 @@ class TrainStream(IterableDataset):
                     f"{sorted(stats.bad_shards.items())[:3]}"
                 )
 
-    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], int, DataStats]]:
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], int, DataStats]]:
         info = get_worker_info()
         role = ((info.id if info else 0) + self.rotate) % len(self.roles)
         stats = DataStats()
@@ -121,7 +122,10 @@ class TrainStream(IterableDataset):
             # its size and its position in the epoch, so skip_steps stays exact.
             filled = [it if it is not None else good[k % len(good)] for k, it in enumerate(items)]
             images, idx, _ = self.decoder.batch(filled)
-            yield (images, idx), role, stats.copy()
+            if self.params is None:
+                yield (images, idx), role, stats.copy()
+            else:  # the device augmentation's parameters, drawn here off the step's path
+                yield (images, idx, self.params(idx)), role, stats.copy()
 
 
 class EvalStream(IterableDataset):

@@ -27,9 +27,15 @@ class LabelBank:
     def num_samples(self) -> int:
         return self.labels.shape[1]
 
-    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [B] → labels [T, B] (on idx's device)."""
-        return self.labels[:, idx.cpu()].to(idx.device, non_blocking=True)
+    def lookup(self, idx: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """idx [B] (on the host, as the loader gives it) → labels [T, B] on ``device``
+        (default: idx's). For a CUDA device the rows are gathered into pinned memory, so the
+        copy is truly asynchronous and the step does not wait for the GPU."""
+        device = device or idx.device
+        rows = self.labels.index_select(1, idx)
+        if device.type == "cuda":
+            rows = rows.pin_memory()  # from the caching host allocator: safe while in flight
+        return rows.to(device, non_blocking=True)
 
     def assign(self, new: torch.Tensor) -> float:
         """Replace all labels with ``new`` [T, N]; return the fraction that changed."""

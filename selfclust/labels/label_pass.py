@@ -76,13 +76,25 @@ def embed(
             "shards than ranks can share; write smaller shards (--shard-size) or use fewer workers"
         )
     seen, bad = int(counts[0]), int(counts[2])
-    out = Embedded(torch.cat(feats), torch.cat(idxs).long(), torch.cat(clss).long(), bad)
+    out = Embedded(_concat(feats), torch.cat(idxs).long(), torch.cat(clss).long(), bad)
     if seen + bad != num_samples:
         raise ShardsChanged(
             f"label pass saw {seen} samples (and skipped {bad} bad ones) across all ranks, the "
             f"manifest says {num_samples}: shards were changed after writing, or a sample "
             "index appears twice; rewrite them with `selfclust shard`"
         )
+    return out
+
+
+def _concat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(chunks)``, emptying ``chunks`` as it copies: the peak is the result plus
+    one chunk rather than two copies of the features (ImageNet on one GPU: 10 GB, not 21)."""
+    out = chunks[0].new_empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]))
+    at = 0
+    for i, c in enumerate(chunks):
+        out[at : at + len(c)] = c
+        at += len(c)
+        chunks[i] = out[:0]  # drops the list's reference: the chunk is freed
     return out
 
 

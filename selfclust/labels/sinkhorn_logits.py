@@ -9,6 +9,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from selfclust import collectives as C
+
 # LinearLogits: default rows per recomputed chunk, as bytes of float32 logits.
 _RECOMPUTE_BYTES = 64 << 20
 
@@ -21,7 +23,34 @@ def head_logits(head: nn.Module, features: torch.Tensor, chunk: int = 65536) -> 
             return torch.cat([head(f.float()).float() for f in features.split(chunk)])
     linear = cast(nn.Linear, head)
     w, b = linear.weight.detach().float(), linear.bias.detach().float()
-    return torch.cat([torch.addmm(b, f, w.t()) for f in features.split(chunk)])
+    # Written chunk by chunk into one block: a list of chunks and their cat would hold two.
+    out = features.new_empty((len(features), w.shape[0]), dtype=torch.float32)
+    for at, f in zip(range(0, len(features), chunk), features.split(chunk), strict=True):
+        torch.addmm(b, f, w.t(), out=out[at : at + len(f)])
+    return out
+
+
+def recompute_logits(
+    mode: str, rows: int, clusters: int, device: torch.device, group: C.Group
+) -> bool:
+    """``method.sinkhorn_logits``: whether each head's logits are recomputed (True) rather
+    than stored. ``auto`` stores them (two ``[rows, K]`` float32 blocks at the solver's peak,
+    logits and kernel) when that takes at most half of the device's free memory on every rank
+    of ``group``, and recomputes them (one block) otherwise; on the CPU it stores them.
+    Collective over ``group`` for ``auto`` on CUDA (every rank decides the same)."""
+    if mode != "auto":
+        return mode == "recomputed"
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return too_big_to_store(rows, clusters, free, group)
+
+
+def too_big_to_store(rows: int, clusters: int, free_bytes: int, group: C.Group) -> bool:
+    """``auto``'s rule (collective): two float32 ``[rows, clusters]`` blocks over half of
+    ``free_bytes`` on any rank."""
+    need = torch.tensor([int(2 * rows * clusters * 4 > free_bytes // 2)], dtype=torch.int64)
+    return bool(C.all_reduce_max(need, group)[0])
 
 
 class LinearLogits:

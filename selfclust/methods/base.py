@@ -38,6 +38,8 @@ class Method:
     # Gradients averaged by DistributedDataParallel (True) or by one flat all-reduce after
     # backward (False: the phase's unused parameters then have no gradient on any rank).
     uses_ddp: bool = False
+    # The loader draws the device augmentation's parameters of each batch (``aug``).
+    device_augment: bool = False
     # uses_ddp methods: the module their forward calls, set by the loop (the DDP wrapper, and
     # torch.compile's, around the model).
     forward: Any = None
@@ -46,6 +48,7 @@ class Method:
         self,
         images: torch.Tensor,
         idx: torch.Tensor,
+        aug: torch.Tensor | None = None,
         *,
         phase: str,
         epoch: int,
@@ -54,7 +57,8 @@ class Method:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss to backpropagate for one batch (uint8 ``images`` of global indices
         ``idx``) and the detached vector logged for it: ``[T]`` per-head losses then one
-        entry per :attr:`terms`."""
+        entry per :attr:`terms`. ``aug``: the batch's device-augmentation parameters, drawn
+        by the loader when :attr:`device_augment`."""
         raise NotImplementedError
 
     def embed(self, batches: Batches, num_samples: int, initial: bool) -> Embedded:

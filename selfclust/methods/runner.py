@@ -113,6 +113,7 @@ class MethodRunner(Method, Generic[M]):
         self,
         images: torch.Tensor,
         idx: torch.Tensor,
+        aug: torch.Tensor | None = None,  # unused: these methods draw their own
         *,
         phase: str,
         epoch: int,

@@ -29,6 +29,7 @@ from selfclust.labels.label_pass import (
 )
 from selfclust.labels.manifold import manifold_labels
 from selfclust.labels.sinkhorn import sinkhorn_labels
+from selfclust.labels.sinkhorn_logits import recompute_logits
 from selfclust.methods.base import LabelUpdate, Method
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.train.step import Precision
@@ -60,13 +61,16 @@ class SeLa(Method):
         self.m = expect(cfg.method, SelaMethod)
         self.device, self.size, self.precision = device, image_size, precision
         self.forward = model  # the loop wraps it in DDP (Method.forward)
-        # Augment in the loader workers (per-sample OpenCV) or batched on the device.
+        # Augment in the loader workers (per-sample OpenCV) or batched on the device, with
+        # parameters the loader draws (Method.device_augment).
         self.loader_augment = cfg.augment.where == "loader"
+        self.device_augment = not self.loader_augment
 
     def batch_losses(
         self,
         images: torch.Tensor,
         idx: torch.Tensor,
+        aug: torch.Tensor | None = None,
         *,
         phase: str,
         epoch: int,
@@ -78,9 +82,9 @@ class SeLa(Method):
         if self.loader_augment:  # already cropped and jittered by the loader
             x = normalize(images)
         else:
-            x = augment(images, idx, cfg.augment, cfg.seed, epoch, self.size)
+            x = augment(images, idx, cfg.augment, cfg.seed, epoch, self.size, params=aug)
         x = self.precision.memory_layout(x)
-        targets = bank.lookup(idx).to(self.device, non_blocking=True)  # [T, B] by idx
+        targets = bank.lookup(idx, self.device)  # [T, B] by idx, pinned → device
         with self.precision.autocast(self.device):
             out = self.forward(x)
         losses = torch.stack(
@@ -96,10 +100,11 @@ class SeLa(Method):
         if self._pixels(initial):
             fn = thumbnails(THUMBNAIL_SIDE)
             return embed(fn, batches, self.device, self.size, num_samples, group=C.WORLD)
-        with self.precision.autocast(self.device):
-            return embed(
-                self.model.backbone, batches, self.device, self.size, num_samples, group=C.WORLD
-            )
+        # Without autocast: float32 features (convolutions in TF32 on GPUs), so bf16 rounding
+        # of the features does not move borderline samples between clusters at each update.
+        return embed(
+            self.model.backbone, batches, self.device, self.size, num_samples, group=C.WORLD
+        )
 
     def first_bank(self) -> torch.Tensor | None:
         m = self.m
@@ -131,6 +136,11 @@ class SeLa(Method):
         if manifold:
             local = self._manifold(emb, self.cfg.seed + step, False, initial=False, bank=bank)
             return local, {"event": "relabel", "labeller": "manifold"}
+        if self.device.type == "cuda":  # training's cached blocks back to the device
+            torch.cuda.empty_cache()
+        recompute = recompute_logits(
+            m.sinkhorn_logits, len(emb.features), m.clusters, self.device, C.WORLD
+        )
         local, st = sinkhorn_labels(
             self.model.heads,
             emb.features,
@@ -138,10 +148,11 @@ class SeLa(Method):
             SINKHORN_TOL,
             SINKHORN_MAX_ITERS,
             group=C.WORLD,
-            recompute=m.sinkhorn_logits == "recomputed",
+            recompute=recompute,
         )
         record = {
             "event": "relabel",
+            "logits": "recomputed" if recompute else "stored",
             "sinkhorn_iters": max(st.iterations),
             "sinkhorn_error": max(st.errors),
         }

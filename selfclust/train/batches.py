@@ -12,6 +12,7 @@ from selfclust.config import RunConfig
 from selfclust.data.plan import steps_per_epoch
 from selfclust.data.shardset import ShardSet
 from selfclust.data.streams import Batches, eval_batches, train_batches
+from selfclust.train.context import WorkerContext
 
 
 @dataclass
@@ -21,6 +22,15 @@ class RankData:
     rank: int
     world_size: int
     device: torch.device
+    # The loader workers draw the device augmentation's parameters of each training batch
+    # (a method that augments on the device: SeLa with augment.where=device).
+    prefetch_augment: bool = False
+
+    @classmethod
+    def of(
+        cls, cfg: RunConfig, shards: ShardSet, ctx: WorkerContext, prefetch_augment: bool
+    ) -> RankData:
+        return cls(cfg, shards, ctx.rank, ctx.world_size, ctx.device, prefetch_augment)
 
     def __post_init__(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
@@ -41,7 +51,8 @@ class RankData:
 
     def epoch(self, epoch: int, skip_steps: int) -> Batches:
         """This rank's batches of ``epoch`` (the same number on every rank), after the first
-        ``skip_steps`` (a mid-epoch resume skips them without decoding)."""
+        ``skip_steps`` (a mid-epoch resume skips them without decoding): ``(images, idx)``,
+        or ``(images, idx, augmentation parameters)`` with ``prefetch_augment``."""
         cfg = self.cfg
         return train_batches(
             self.shards,
@@ -56,6 +67,7 @@ class RankData:
             image_size=cfg.data.image_size,
             loader_augment=cfg.augment if cfg.augment.where == "loader" else None,
             pin_memory=self.device.type == "cuda",
+            device_augment=cfg.augment if self.prefetch_augment else None,
         )
 
     def label_pass(self, model: nn.Module, shards: ShardSet | None = None) -> Batches:

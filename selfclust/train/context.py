@@ -38,8 +38,11 @@ class WorkerContext:
 
 def configure_process(cfg: RunConfig) -> None:
     """Thread counts of this worker process: torch and faiss each bring their own OpenMP, so
-    both are set (never in DataLoader workers)."""
+    both are set (never in DataLoader workers). With GPUs, cuDNN autotunes its convolutions:
+    every training batch has the same shape, so the search runs once per shape. TF32 matmuls
+    stay off: the label pass's logits and k-means rely on full fp32 products."""
     torch.set_num_threads(cfg.trainer.cpus_per_worker)
+    torch.backends.cudnn.benchmark = cfg.trainer.use_gpu
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 

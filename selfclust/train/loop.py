@@ -51,7 +51,7 @@ class Trainer:
         if self.method.uses_ddp:
             self.method.forward = ddp_forward(self.model, self.precision, ctx.device,
                                               ctx.world_size, compile=t.compile)  # fmt: skip
-        self.data = RankData(cfg, self.shards, ctx.rank, ctx.world_size, ctx.device)
+        self.data = RankData.of(cfg, self.shards, ctx, prefetch_augment=self.method.device_augment)
         self.steps_per_epoch = self.data.steps_per_epoch
         # A pretraining phase, then clustering for optim.epochs; the LR schedule and the label
         # updates count from the start of the clustering phase.
@@ -90,14 +90,14 @@ class Trainer:
             if self.pos.phase == "pretrain" and self.pos.epoch >= self.method.pretrain_epochs:
                 self._start_clustering()
             batches = self.data.epoch(self.pos.epoch, self.pos.step_in_epoch)
-            for images, idx in batches:
+            for batch in batches:
                 step = self.pos.global_step
                 if self.updates.due(step, self.pos.labels_step):
                     self.relabel()
                 if self.method.stopped:
                     break
                 self._check_preemption()
-                self.losses.add(self.train_step(images, idx))
+                self.losses.add(self.train_step(*batch))
                 self.pos.global_step += 1
                 self.pos.step_in_epoch += 1
                 if self.pos.global_step % cfg.trainer.log_every == 0:
@@ -113,10 +113,10 @@ class Trainer:
             self._checkpoint_if_finite("epoch")
         return self.finish()
 
-    def train_step(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """One optimisation step; returns the logged loss vector (detached)."""
+    def train_step(self, *batch: torch.Tensor) -> torch.Tensor:
+        """One step on ``(images, idx[, aug])``; the logged losses, detached, on the device."""
         loss, logged = self.method.batch_losses(
-            images, idx, phase=self.pos.phase, epoch=self.pos.epoch,
+            *batch, phase=self.pos.phase, epoch=self.pos.epoch,
             step=self.pos.global_step, bank=self.bank,
         )  # fmt: skip
         optimizer_step(self.model, loss, self.optimizer, self.scheduler,

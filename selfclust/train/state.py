@@ -31,17 +31,31 @@ class LossTracker:
     def __init__(self, heads: int, terms: tuple[str, ...]) -> None:
         self.heads, self.terms = heads, terms
         self.head_loss = torch.zeros(heads)  # EMA of each head's loss (for the best head)
-        self.window_loss = torch.zeros(heads + len(terms))  # summed since the last line
+        self._window = torch.zeros(heads + len(terms))  # summed since the last line (host)
+        self._pending: torch.Tensor | None = None  # summed since the last read (losses' device)
         self.window_n = 0
 
     def add(self, losses: torch.Tensor) -> None:
-        self.window_loss += losses.cpu()
+        """Sum ``losses`` where they are: no copy to the host, so a CUDA step never waits for
+        its last kernel here; the sum reaches the host when :attr:`window_loss` is read."""
+        if self._pending is None:
+            self._pending = losses.detach().clone()
+        else:
+            self._pending += losses
         self.window_n += 1
+
+    @property
+    def window_loss(self) -> torch.Tensor:
+        """The window's summed vector on the host (read at log steps and checkpoints)."""
+        if self._pending is not None:
+            self._window += self._pending.cpu()
+            self._pending = None
+        return self._window
 
     def flush(self) -> torch.Tensor:
         """The window's mean vector (this rank); the window restarts."""
         mean = self.window_loss / self.window_n
-        self.window_loss.zero_()
+        self._window.zero_()
         self.window_n = 0
         return mean
 
@@ -62,7 +76,7 @@ class LossTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.head_loss = state["head_loss"].clone()
-        self.window_loss = state["window_loss"].clone()
+        self._window, self._pending = state["window_loss"].clone(), None
         self.window_n = int(state["window_n"])
 
 

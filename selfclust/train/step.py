@@ -60,7 +60,11 @@ def ddp_forward(
     forward: nn.Module = model
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # Buffers are not broadcast each step: rank 0's BatchNorm statistics reach every rank
+        # before each label pass and evaluation (sync_buffers), and the checkpoint is rank 0's.
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
+        )
     if device.type == "cuda" and compile:
         forward = torch.compile(forward)  # type: ignore[assignment]
     return forward

@@ -191,6 +191,25 @@ def test_skip_steps_yields_the_tail(sets, name, num_workers) -> None:
         train_batches(shards, **args, skip_steps=steps + 1)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_loader_draws_the_device_augmentation_parameters(sets) -> None:
+    """``device_augment``: each batch carries its ``draw_params`` (drawn by the loader
+    workers, so the training step does not), and the images and order do not change."""
+    from selfclust.config import AugmentConfig
+    from selfclust.data.augment import draw_params
+
+    aug = AugmentConfig()
+    args = dict(rank=1, world_size=2, batch_size=B, seed=5, epoch=3, num_workers=2)
+    plain = list(train_batches(sets["skewed"], **args))
+    drawn = list(train_batches(sets["skewed"], **args, device_augment=aug, skip_steps=1))
+    assert len(drawn) == len(plain) - 1
+    for (a, i), (b, j, p) in zip(plain[1:], drawn, strict=True):
+        assert torch.equal(a, b) and torch.equal(i, j)
+        assert p.dtype == torch.float32 and torch.equal(p, draw_params(aug, 5, 3, j))
+    with pytest.raises(ValueError, match="not both"):
+        train_batches(sets["even"], 0, 1, B, 0, 0, loader_augment=aug, device_augment=aug)
+
+
 def test_argument_errors(sets) -> None:
     with pytest.raises(ValueError, match="rank"):
         train_batches(sets["even"], 2, 2, B, 0, 0)

@@ -14,6 +14,7 @@ from selfclust.data.shardset import ShardSet
 from selfclust.data.streams import eval_batches
 from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels
 from selfclust.labels.sinkhorn import sinkhorn_labels
+from selfclust.labels.sinkhorn_logits import head_logits
 from selfclust.models.selflabel import SelfLabelNet
 from selfclust.shards.write import write_shards
 
@@ -115,6 +116,44 @@ def test_recomputed_logits_give_the_stored_labels(shards: str) -> None:
         model.heads, emb.features, lam=25.0, tol=1e-4, max_iters=2000, recompute=True, group=WORLD
     )
     assert torch.equal(again, stored) and st2.iterations == st.iterations
+
+
+def test_head_logits_and_concat_equal_torch_cat() -> None:
+    """The label pass's single-block writes give what a list and ``torch.cat`` gave."""
+    from selfclust.labels.label_pass import _concat
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 7)
+    f = torch.randn(1000, 16, generator=g)
+    w, b = head.weight.detach(), head.bias.detach()
+    want = torch.cat([torch.addmm(b, c, w.t()) for c in f.split(300)])
+    assert torch.equal(head_logits(head, f, chunk=300), want)
+    chunks = list(f.split(333))
+    assert torch.equal(_concat(chunks), f) and all(len(c) == 0 for c in chunks)
+
+
+def logits_modes(rank: int, world: int, free: list[int]) -> list[bool]:
+    """``auto``'s rule on each rank with its own free memory, and the fixed modes."""
+    from selfclust.labels.sinkhorn_logits import recompute_logits, too_big_to_store
+
+    rows = 100_000 if rank == 0 else 0  # rank 1 holds no rows: the others decide for it
+    return [
+        too_big_to_store(rows, 3000, free[rank], group=WORLD),
+        recompute_logits("auto", rows, 3000, torch.device("cpu"), group=WORLD),
+        recompute_logits("recomputed", rows, 3000, torch.device("cpu"), group=WORLD),
+        recompute_logits("stored", rows, 3000, torch.device("cpu"), group=WORLD),
+    ]
+
+
+@pytest.mark.parametrize("free_gb,want", [(4.7, True), (4.9, False)])
+def test_auto_logits_mode_is_the_same_on_every_rank(tmp_path: Path, free_gb, want) -> None:
+    """Two [1e5, 3000] float32 blocks are 2.4 GB: stored while that is at most half the free
+    memory of rank 0 (rank 1's is plenty), and every rank decides the same."""
+    from tests.helpers.spawn import run_ranks
+
+    free = [int(free_gb * 1e9), 1 << 40]
+    got = run_ranks(logits_modes, 2, tmp_path, free)
+    assert got == [[want, False, True, False]] * 2
 
 
 def test_gather_bank_refuses_duplicates() -> None:
