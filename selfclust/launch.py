@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
-import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from selfclust.config import RunConfig
 from selfclust.data.preflight import preflight, resolve_data
+from selfclust.error_log import RAY_ERROR_LOGGERS as RAY_ERROR_LOGGERS
+from selfclust.error_log import hide_user_error_logs, log_user_error, user_error
 from selfclust.errors import ERROR_LOG, UserError
 from selfclust.ray_console import RayOutput
 from selfclust.rundir import finished_summary, run_identity, write_summary
+from selfclust.train.gpu import check_cluster_gpus, check_worker_gpu
 
 
 def ray_train_context() -> ModuleType | None:
@@ -104,45 +105,47 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     try:
         train_loop(cfg, ctx)
     except UserError:
-        _log_user_error(ctx.run_dir, ctx.rank)
-        _hide_user_error_logs(worker=True)
+        log_user_error(ctx.run_dir, ctx.rank)
+        hide_user_error_logs(worker=True)
         raise
 
 
-def _log_user_error(run_dir: Path, rank: int) -> None:
-    """The traceback of this rank's user error, appended to the run dir's error log."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(run_dir / ERROR_LOG, "a") as f:
-        f.write(f"--- {stamp} rank {rank}\n{traceback.format_exc()}\n")
+def _gpu_preflight(payload: dict[str, Any]) -> None:
+    """Runs on every GPU worker before its process group exists (without CUDA, NCCL's would
+    fail first and bury the reason): :func:`selfclust.train.gpu.check_worker_gpu`."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(payload["config"])
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        check_worker_gpu(cfg.trainer, ray.train.torch.get_device(), rank)
+    except UserError:
+        log_user_error(Path(payload["run_dir"]), rank)
+        raise
 
 
-# Ray Train's loggers that repeat a user error with its traceback on the terminal: a
-# worker's "Error in training function" and the controller's failure decision. Private
-# module names (ray==2.60.*, tests/test_launch_private.py).
-RAY_ERROR_LOGGERS = (
-    "ray.train.v2._internal.util",
-    "ray.train.v2._internal.execution.failure_handling.default",
-)
+def _torch_config(use_gpu: bool, payload: dict[str, Any]) -> Any:
+    """gloo; with GPUs, gloo for CPU tensors (counts, labels, the bank) and nccl for CUDA ones,
+    set up after :func:`_gpu_preflight` on every worker. A user error there ends the run as a
+    controller failure (never retried). Private API: ``_TorchBackend`` (ray==2.60.*)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
 
+    if not use_gpu:
+        return TorchConfig(backend="gloo")
 
-class _UserErrorFilter(logging.Filter):
-    """Drops a record about a user error (the CLI prints it once; error.log has it whole):
-    one whose exception is a user error, or any, in a worker that is ending on one."""
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            worker_group.execute(_gpu_preflight, payload)
+            super().on_start(worker_group, backend_config)
 
-    def __init__(self, worker: bool) -> None:
-        super().__init__()
-        self.worker = worker
+    class Config(TorchConfig):
+        @property
+        def backend_cls(self) -> type:
+            return Backend
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (self.worker or (error is not None and _user_error(error) is not None))
-
-
-def _hide_user_error_logs(worker: bool) -> None:
-    for name in RAY_ERROR_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
-            logger.addFilter(_UserErrorFilter(worker))
+    return Config(backend="cpu:gloo,cuda:nccl")
 
 
 def _stop_on_user_error() -> Any:
@@ -154,18 +157,11 @@ def _stop_on_user_error() -> Any:
         def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
             for _, error in sorted(worker_exceptions.items()):
                 if isinstance(error, UserError):
-                    _hide_user_error_logs(worker=False)
+                    hide_user_error_logs(worker=False)
                     # as a ControllerError, the controller does not log it again
                     raise ControllerError(error)
 
     return StopOnUserError()
-
-
-def _user_error(error: BaseException) -> UserError | None:
-    """The worker's user error that ended a run, if one did (Ray wraps it)."""
-    while error is not None and not isinstance(error, UserError):
-        error = getattr(error, "controller_failure", None) or error.__cause__  # type: ignore[assignment]
-    return error
 
 
 STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -208,6 +204,7 @@ def _init_ray(cfg: RunConfig) -> None:
             "overloaded or out of memory/disk under /tmp/ray: rerun the same command (the run "
             "resumes), or join a running cluster with ray.address=auto"
         ) from e
+    check_cluster_gpus(cfg.trainer, ray.cluster_resources().get("GPU", 0), local=True)
 
 
 # Ray Train V2's controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default
@@ -226,18 +223,14 @@ def report_poll_interval(workers: int) -> float:
 def _torch_trainer(cfg: RunConfig, run_dir: Path, info: dict[str, Any], storage: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     t = cfg.trainer
+    payload = {"config": cfg.to_dict(), "run_dir": str(run_dir), "wandb_id": info["wandb_id"]}
     return TorchTrainer(
         _worker_entry,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "run_dir": str(run_dir),
-            "wandb_id": info["wandb_id"],
-        },
-        # CPU tensors (counts, labels, the bank) travel over gloo, CUDA ones over nccl.
-        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if t.use_gpu else "gloo"),
+        train_loop_config=payload,
+        torch_config=_torch_config(t.use_gpu, payload),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -283,7 +276,7 @@ def train(cfg: RunConfig, run_dir: str | Path, verbose: bool = False) -> dict[st
             if result.error is not None:
                 raise result.error
         except Exception as e:  # a worker's user error: one line (cli), the traceback logged
-            user = _user_error(e)
+            user = user_error(e)
             if user is None:
                 raise
             raise type(user)(f"{user} (traceback: {run_dir / ERROR_LOG})") from None

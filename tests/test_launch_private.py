@@ -141,3 +141,31 @@ def test_rays_driver_notices_are_records_of_the_ray_logger() -> None:
     assert callable(getattr(auth, "_warn_token_auth_enabled", None)), CONSOLE_WHY
     handlers = logging.getLogger("ray").handlers
     assert any(type(h).__name__ == "PlainRayHandler" for h in handlers), CONSOLE_WHY
+
+
+def test_the_gpu_preflight_runs_before_the_process_group() -> None:
+    """With trainer.use_gpu, selfclust.launch runs its GPU checks on every worker from a
+    subclass of Ray's private _TorchBackend, before on_start creates the process group (whose
+    NCCL part fails without CUDA); a GpuError raised there reaches the driver inside a
+    ControllerError, as a RayTaskError that keeps it as ``cause``."""
+    import inspect
+
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+    from ray.train.v2._internal.callbacks.backend_setup import BackendSetupCallback
+
+    from selfclust.error_log import user_error
+    from selfclust.train.gpu import GpuError
+
+    assert TorchConfig().backend_cls is _TorchBackend, WHY
+    assert callable(getattr(_TorchBackend, "on_start", None)), WHY
+    setup = inspect.getsource(BackendSetupCallback)
+    assert "backend_config.backend_cls()" in setup and "self._backend.on_start(" in setup, WHY
+    config = launch._torch_config(True, {})
+    assert issubclass(config.backend_cls, _TorchBackend) and config.backend == "cpu:gloo,cuda:nccl"
+    assert launch._torch_config(False, {}).backend_cls is _TorchBackend
+    error = GpuError("trainer.use_gpu=true but ...")
+    wrapped = RayTaskError("execute", "Traceback ...", error).as_instanceof_cause()
+    assert isinstance(wrapped, GpuError) and user_error(ControllerError(wrapped)) is error, WHY

@@ -1,14 +1,16 @@
-"""k-means for initial labels: faiss (GPU build if present, else CPU) or a torch fallback.
+"""k-means for initial labels: faiss on the CPU, torch on the GPU (or the CPU).
 
 Distributed use (:func:`distributed_centroids`): every rank contributes the rows of a sample
 chosen by *global* index (so the pool is the same whatever the number of ranks, and a rank
 sends at most its share of it), rank 0 clusters the pool (sorted by idx, hence deterministic),
 and the centroids are broadcast; each rank then assigns its own rows (:func:`assign`).
 
-Backends: ``faiss`` runs on the GPU only with the faiss-gpu build (``faiss.Kmeans(gpu=True)``
-silently falls back to the CPU with faiss-cpu, so we check ``faiss.get_num_gpus``); ``torch``
-is the fallback for CUDA machines without faiss-gpu (the faiss-gpu 1.15 wheel wants CUDA 12
-while PyPI torch ships CUDA 13) and works on the CPU too, which is how the tests check it.
+Backends (:func:`choose_backend`): CUDA input is clustered by ``torch`` on its own device.
+faiss-gpu's ``Kmeans(gpu=True)`` would spread over every GPU the process sees (Ray shares a
+node's ``CUDA_VISIBLE_DEVICES`` among its workers, so rank 0 would put a CUDA context and
+temporary memory on the GPUs the other ranks train on), and it loads a CUDA 12 runtime beside
+PyPI torch's CUDA 13. ``faiss`` is the CPU backend (``backend="faiss"`` on CUDA input clusters
+a CPU copy); ``torch`` works on the CPU too, which is how the tests check it.
 faiss subsamples to ``k * max_points_per_centroid`` points by default; we lift that limit,
 the caller bounds the pool instead. Never call this in a forked DataLoader worker: libgomp
 is not fork-safe after faiss has run.
@@ -44,7 +46,7 @@ LLOYD_ITERS = 25
 class KMeansResult:
     centroids: torch.Tensor  # [k, D] float32, CPU
     objective: float  # Σ_i min_k ||x_i − c_k||² over the training points, final centroids
-    backend: str  # "faiss-cpu", "faiss-gpu" or "torch-<device>"
+    backend: str  # "faiss-cpu" or "torch-<device>"
     iterations: int  # Lloyd iterations run (fewer than niter when tol stopped them)
 
 
@@ -56,9 +58,18 @@ def _faiss() -> Any:
 
 
 def faiss_gpus() -> int:
-    """Number of GPUs faiss can use (0 with the faiss-cpu build)."""
+    """Number of GPUs faiss can use (0 with the faiss-cpu build); for benchmarks/kmeans.py."""
     faiss = _faiss()
     return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def choose_backend(backend: Backend, on_gpu: bool) -> str:
+    """The k-means that runs: ``"torch"`` (on the input's device) or ``"faiss-cpu"``.
+    ``auto``: torch for CUDA input, faiss for CPU input. faiss never runs on a GPU here (see
+    the module docstring), whichever faiss build is installed."""
+    if backend == "torch" or (backend == "auto" and on_gpu):
+        return "torch"
+    return "faiss-cpu"
 
 
 def _check_not_in_loader_worker() -> None:
@@ -191,36 +202,33 @@ def kmeans(
     """Cluster all rows of ``x`` ([n, D]) into k clusters with at most ``niter`` Lloyd
     iterations, fewer when one lowers the objective by less than the fraction ``tol``.
 
-    ``auto``: faiss-gpu when x is on CUDA and faiss sees a GPU, the torch fallback on CUDA
-    otherwise, faiss on the CPU for CPU tensors. ``seeding``: see :data:`Seeding`.
+    ``backend``: see :func:`choose_backend` (``auto``: torch on CUDA, faiss on the CPU).
+    ``seeding``: see :data:`Seeding`.
     """
     _check_not_in_loader_worker()
     _check_input(x, k, niter)
     if not 0 <= tol < 1:
         raise ValueError(f"k-means tol is a fraction of the objective in [0, 1), got {tol}")
-    on_gpu = x.device.type == "cuda"
-    if backend == "auto":
-        backend = "faiss" if (not on_gpu or faiss_gpus() > 0) else "torch"
-    if backend == "torch":
+    name = choose_backend(backend, x.device.type == "cuda")
+    if name == "torch":
         c, history = kmeans_torch(x, k, niter, seed, seeding=seeding, tol=tol)
         name, iterations = f"torch-{x.device.type}", len(history)
     else:
         faiss = _faiss()
-        gpu = on_gpu and faiss_gpus() > 0
         xs = np.ascontiguousarray(x.detach().float().cpu().numpy())
         km = faiss.Kmeans(
             x.shape[1],
             k,
             niter=niter,
             seed=seed,
-            gpu=gpu,
+            gpu=False,  # True would take every GPU of the node (module docstring)
             max_points_per_centroid=x.shape[0],
             init_method=getattr(faiss, _FAISS_SEEDING[seeding]),
             early_stop_threshold=tol,
         )
         km.train(xs)
         c = torch.from_numpy(km.centroids.copy())
-        name, iterations = ("faiss-gpu" if gpu else "faiss-cpu"), len(km.obj)
+        iterations = len(km.obj)
     return KMeansResult(c.float().cpu(), objective(x, c), name, iterations)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from selfclust import collectives as C
 from selfclust.config import TrainerConfig
+from selfclust.train.gpu import native_bf16
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,12 @@ class Precision:
 
     @classmethod
     def for_device(cls, t: TrainerConfig, device: torch.device) -> Precision:
-        """``trainer.precision`` (auto: bf16 on CUDA); channels_last on CUDA, where bf16
-        convolutions run faster in it (ignored on CPU)."""
+        """``trainer.precision`` (auto: bf16 on a GPU that runs it natively, compute
+        capability >= 8.0, else fp32: :func:`selfclust.train.gpu.resolve_precision`, whose
+        preflight logs the fallback); channels_last on CUDA, where bf16 convolutions run
+        faster in it (ignored on CPU)."""
         cuda = device.type == "cuda"
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda and native_bf16(device))
         return cls(
             autocast_dtype=torch.bfloat16 if bf16 else None,
             memory_format=torch.channels_last if cuda else None,

@@ -10,7 +10,15 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from selfclust.collectives import WORLD
-from selfclust.labels.kmeans import assign, assign_torch, kmeans, kmeans_torch, objective
+from selfclust.labels import kmeans as kmeans_module
+from selfclust.labels.kmeans import (
+    assign,
+    assign_torch,
+    choose_backend,
+    kmeans,
+    kmeans_torch,
+    objective,
+)
 from selfclust.labels.label_pass import Embedded, heads_from_centroids, kmeans_labels
 from tests.helpers.data import digits as load_digits
 
@@ -172,6 +180,37 @@ def test_refuses_to_run_in_a_loader_worker() -> None:
     assert "inside a DataLoader worker" in next(iter(loader))
 
 
+@pytest.mark.parametrize(
+    ("backend", "on_gpu", "chosen"),
+    [
+        ("auto", True, "torch"),  # never faiss-gpu: it would take every GPU of the node
+        ("auto", False, "faiss-cpu"),
+        ("torch", True, "torch"),
+        ("torch", False, "torch"),
+        ("faiss", True, "faiss-cpu"),  # a CPU copy, whichever faiss build is installed
+        ("faiss", False, "faiss-cpu"),
+    ],
+)
+def test_backend_choice(backend: str, on_gpu: bool, chosen: str) -> None:
+    assert choose_backend(backend, on_gpu) == chosen  # type: ignore[arg-type]
+
+
+def test_faiss_never_asked_for_a_gpu(digits: torch.Tensor, monkeypatch) -> None:
+    """faiss.Kmeans(gpu=True) with faiss-gpu puts an index on every GPU the process sees."""
+    faiss = kmeans_module._faiss()
+    seen = []
+
+    class Spy(faiss.Kmeans):  # type: ignore[misc,name-defined]
+        def __init__(self, *args, **kwargs) -> None:
+            seen.append(kwargs.get("gpu"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(faiss, "Kmeans", Spy)
+    assert kmeans(digits, 10, niter=2, seed=0).backend == "faiss-cpu"
+    assert kmeans(digits, 10, niter=2, seed=0, backend="faiss").backend == "faiss-cpu"
+    assert seen == [False, False]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kmeans_matches_cpu(digits: torch.Tensor) -> None:
@@ -179,7 +218,7 @@ def test_cuda_kmeans_matches_cpu(digits: torch.Tensor) -> None:
     gpu = kmeans(digits.cuda(), 10, niter=25, seed=0, backend="torch")
     assert gpu.backend == "torch-cuda"
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-3)
-    auto = kmeans(digits.cuda(), 10, niter=25, seed=0)  # faiss-gpu if installed, else torch
-    assert auto.backend in ("faiss-gpu", "torch-cuda")
+    auto = kmeans(digits.cuda(), 10, niter=25, seed=0)  # torch, even with faiss-gpu
+    assert auto.backend == "torch-cuda"
     labels = assign(digits.cuda(), cpu.centroids)
     assert (labels == assign(digits, cpu.centroids)).double().mean() >= 0.999
