@@ -12,6 +12,9 @@
 # preemption killed the head, a failure, or `ray job stop`) resumes the run from its latest
 # checkpoint: the run dir's run.json keeps the Ray run name and the W&B run id.
 # CONFIG (that one file) is uploaded as the job's working dir, so local edits take effect.
+# Network interfaces: NCCL_SOCKET_IFNAME (CUDA collectives) and GLOO_SOCKET_IFNAME (CPU ones:
+# label counts, the bank, the preemption flag, metrics), and NCCL_DEBUG, when set here, reach
+# every worker through the job's runtime env (name the nodes' interface, e.g. ens5 or eth0).
 #
 # Secrets: WANDB_API_KEY, when set, reaches the job only through its runtime environment
 # (env_vars). This script hands it to `ray job submit` through a pipe (--runtime-env /dev/fd/N):
@@ -86,8 +89,9 @@ runtime_env() {
   python3 - "$stage" <<'PY'
 import json, os, sys
 env = {"working_dir": sys.argv[1], "env_vars": {}}
-if os.environ.get("WANDB_API_KEY"):
-    env["env_vars"]["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
+for name in ("WANDB_API_KEY", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_DEBUG"):
+    if os.environ.get(name):
+        env["env_vars"][name] = os.environ[name]
 print(json.dumps(env))
 PY
 }
@@ -102,6 +106,9 @@ if [ "$dry_run" = 1 ]; then
   printf 'job id:       %s\n' "$submission_id"
   printf 'working dir:  %s (a copy of %s, uploaded)\n' "$stage" "$config"
   printf 'W&B key:      %s\n' "$([ -n "${WANDB_API_KEY:-}" ] && echo 'passed via runtime env' || echo 'not set')"
+  for var in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_DEBUG; do
+    [ -z "${!var:-}" ] || printf '%s: %s (runtime env)\n' "$var" "${!var}"
+  done
   printf 'command:      %s --runtime-env <pipe> -- %s\n' "${cmd[*]}" "${entry[*]}"
   exit 0
 fi

@@ -292,6 +292,26 @@ def test_submit_dry_run_names_and_secret() -> None:
     assert r.stdout.rstrip().endswith("ray.address=auto optim.lr=0.1")
 
 
+def test_submit_forwards_the_socket_interfaces(tmp_path: Path) -> None:
+    """NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (gloo carries every CPU collective between
+    nodes) reach the job's runtime env when set; a fake `ray` prints what it was given."""
+    fake = tmp_path / "ray"
+    fake.write_text(
+        '#!/usr/bin/env bash\nwhile [ "$1" != --runtime-env ]; do shift; done\ncat "$2"\n'
+    )
+    fake.chmod(0o755)
+    names = ("WANDB_API_KEY", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_DEBUG")
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", **dict.fromkeys(names, "")}
+    ifnames = {"NCCL_SOCKET_IFNAME": "ens5", "GLOO_SOCKET_IFNAME": "ens5"}
+    r = submit("--name", "r1", "configs/quickstart.yaml", env={**env, **ifnames})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["env_vars"] == ifnames
+    r = submit("--name", "r1", "configs/quickstart.yaml", env=env)
+    assert json.loads(r.stdout)["env_vars"] == {}
+    r = submit("--name", "r1", "--dry-run", "configs/quickstart.yaml", env={**env, **ifnames})
+    assert "GLOO_SOCKET_IFNAME: ens5 (runtime env)\n" in r.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
