@@ -2,6 +2,7 @@
 data, plus the time of one label pass. Needs one CUDA GPU; exits with a message without one.
 
     python benchmarks/gpu_train.py                        # CIFAR-10 test JPEGs resized to 224
+    python benchmarks/gpu_train.py --synthetic            # generated images (no ../shared)
     python benchmarks/gpu_train.py --data /shared/shards/imagenet-val --batch 128 --compile
     python benchmarks/gpu_train.py --out gpu_train.json   # the numbers as JSON as well
 
@@ -14,12 +15,15 @@ augmentation, bf16 autocast, channels_last, SGD with the same settings, ground-t
 The goal for issue 8 is SeLa >= 0.85 × supervised: the gap is SeLa's ten 2048 × 3000 heads
 (61 M parameters, 10× the classifier FLOPs) and the bank lookup.
 
-Batches are decoded once and kept in pinned host memory, so both columns pay the same
-host-to-device copy and neither waits for JPEG decoding (loader throughput is
-benchmarks/data_throughput.py's job). Timed blocks alternate (SeLa, supervised, SeLa, ...) and
-the best block of each is reported. The label pass is ``Trainer.relabel``: read and decode every
-shard, backbone forward in bf16, then per head the logits and the distributed Sinkhorn-Knopp
-(world size 1 here), then the bank update; its embed and Sinkhorn parts are timed apart.
+Batches are decoded once and kept in pinned host memory with their augmentation parameters
+(what the training loader's workers draw), so both columns pay the same host-to-device copy
+and neither waits for JPEG decoding (loader throughput is benchmarks/data_throughput.py's
+job). Timed blocks alternate (SeLa, supervised, SeLa, ...) and the best block of each is
+reported. The label pass is ``Trainer.relabel``: read and decode every
+shard, backbone forward in float32, then per head the logits and the distributed Sinkhorn-Knopp
+(world size 1 here), then the bank update; its embed and Sinkhorn parts are timed apart. Then
+the same features embedded under bf16 autocast instead: the share of head 0's Sinkhorn labels
+that the rounding changes (the reason label passes embed in float32).
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ if __name__ == "__main__":
     require_gpu()  # before importing selfclust (ray, torchvision: seconds) so no GPU fails fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from selfclust.collectives import WORLD  # noqa: E402
 from selfclust.config import build_config  # noqa: E402
-from selfclust.data.augment import augment  # noqa: E402
+from selfclust.data.augment import augment, draw_params  # noqa: E402
 from selfclust.data.streams import train_batches  # noqa: E402
 from selfclust.labels.label_pass import random_bank  # noqa: E402
+from selfclust.labels.sinkhorn import sinkhorn_labels  # noqa: E402
 from selfclust.shards.write import write_shards  # noqa: E402
 from selfclust.train.context import WorkerContext  # noqa: E402
 from selfclust.train.loop import Trainer  # noqa: E402
@@ -80,6 +86,21 @@ def default_shards(tmp: Path) -> Path:
     return out
 
 
+def synthetic_shards(tmp: Path, n: int = 4096, side: int = 160) -> Path:
+    """``n`` generated RGB images (smooth random patterns, ``side`` px) as shards: for a GPU
+    machine that has neither ../shared nor a dataset; throughput does not depend on content."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(n, 3, side // 16, side // 16, generator=g)
+    x = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
+    x = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp / "synthetic.npz", x=x, y=np.arange(n) % 10)
+    out = tmp / "shards"
+    write_shards(tmp / "synthetic.npz", out, shard_size=1024)
+    return out
+
+
 def timed(fn: Callable[[], Any]) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -91,6 +112,7 @@ def timed(fn: Callable[[], Any]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", help="shard dir from `selfclust shard` (default: CIFAR-10 JPEGs)")
+    ap.add_argument("--synthetic", action="store_true", help="generated images instead")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=128, help="per-GPU batch")
     ap.add_argument("--heads", type=int, default=10)
@@ -106,7 +128,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = args.data or str(default_shards(tmp))
+        data = args.data or str(synthetic_shards(tmp) if args.synthetic else default_shards(tmp))
         cfg = build_config(
             {
                 "data": {"train": data, "image_size": args.image_size},
@@ -132,10 +154,11 @@ def main() -> None:
 
         # Decoded batches in pinned host memory, with ground truth for the supervised loop.
         need = min(tr.steps_per_epoch, 16)
-        batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        batches: list[tuple[torch.Tensor, ...]] = []
         source = _with_cls(tr, args.batch)
         for images, idx, cls in source:
-            batches.append((images.pin_memory(), idx, cls))
+            params = draw_params(cfg.augment, cfg.seed, 0, idx).pin_memory()
+            batches.append((images.pin_memory(), idx.pin_memory(), cls, params))
             if len(batches) == need:
                 break
         source.close()
@@ -144,13 +167,13 @@ def main() -> None:
 
         def sela_block() -> None:
             for i in range(args.steps):
-                images, idx, _ = batches[i % len(batches)]
-                tr.train_step(images, idx)
+                images, idx, _, params = batches[i % len(batches)]
+                tr.losses.add(tr.train_step(images, idx, params))  # as Trainer.run does
 
         def sup_block() -> None:
             for i in range(args.steps):
-                images, idx, cls = batches[i % len(batches)]
-                sup(images, idx, cls)
+                images, idx, cls, params = batches[i % len(batches)]
+                sup(images, idx, cls, params)
 
         sela_block()  # warm-up: cudnn autotuning, allocator, compilation
         sup_block()
@@ -191,9 +214,7 @@ def main() -> None:
         if not args.no_relabel:
             t_embed, t_relabel = math.inf, math.inf
             for _ in range(2):  # best of two: the first also pays for warm-up
-                t_embed = min(
-                    t_embed, timed(lambda: tr.method.embed(tr.label_batches(), tr.n, False))
-                )
+                t_embed = min(t_embed, timed(lambda: embed_features(tr)))
                 t_relabel = min(t_relabel, timed(tr.relabel))
             t_sk = max(0.0, t_relabel - t_embed)
             per_image = t_relabel / tr.n
@@ -207,7 +228,7 @@ def main() -> None:
             print(
                 f"\n| label pass over {tr.n} images ({args.heads} heads × {args.clusters}) "
                 f"| s | images/s |\n|---|---|---|\n"
-                f"| embed (read shards, decode, resize, ResNet-50 forward in bf16) | "
+                f"| embed (read shards, decode, resize, ResNet-50 forward in float32) | "
                 f"{t_embed:.2f} | {tr.n / t_embed:.0f} |\n"
                 f"| Sinkhorn per head + bank update | {t_sk:.2f} | |\n"
                 f"| whole relabel | {t_relabel:.2f} | {tr.n / t_relabel:.0f} |\n\n"
@@ -215,8 +236,34 @@ def main() -> None:
                 f"pass ≈ {per_image * IMAGENET_TRAIN / 60:.1f} GPU-minutes, i.e. "
                 f"{per_image * IMAGENET_TRAIN / 60 / 8:.1f} min on 8 GPUs."
             )
+            result["bf16_label_change"] = change = bf16_label_change(tr)
+            print(
+                f"\nbf16 autocast instead of float32 in the label pass changes "
+                f"{100 * change:.2f} % of head 0's Sinkhorn labels (same model, same images)"
+            )
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def embed_features(tr: Trainer) -> torch.Tensor:
+    """The label pass's features (float32, as Trainer.relabel embeds them)."""
+    return tr.method.embed(tr.data.label_pass(tr.model), tr.n, False).features
+
+
+def bf16_label_change(tr: Trainer) -> float:
+    """Share of head 0's Sinkhorn labels that differ when the label pass embeds under bf16
+    autocast rather than in float32 (the features in the same sample order both times)."""
+    m = tr.cfg.method
+
+    def labels(bf16: bool) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            emb = tr.method.embed(tr.data.label_pass(tr.model), tr.n, False)
+        order = emb.idx.argsort()
+        feats = emb.features.float()[order.to(emb.features.device)]
+        got, _ = sinkhorn_labels(tr.model.heads[:1], feats, m.lam, 1e-3, 1000, group=WORLD)
+        return got[0].cpu()
+
+    return float((labels(True) != labels(False)).float().mean())
 
 
 def _with_cls(tr: Trainer, batch: int):  # type: ignore[no-untyped-def]
@@ -244,9 +291,9 @@ def _supervised(cfg: Any, device: torch.device, compile_model: bool):  # type: i
         model.parameters(), lr=o.lr, momentum=SGD_MOMENTUM, weight_decay=o.weight_decay
     )
 
-    def step(images: torch.Tensor, idx: torch.Tensor, cls: torch.Tensor) -> None:
+    def step(images: torch.Tensor, idx: torch.Tensor, cls: torch.Tensor, p: torch.Tensor) -> None:
         x = augment(images.to(device, non_blocking=True), idx, cfg.augment, cfg.seed, 0,
-                    cfg.data.image_size)  # fmt: skip
+                    cfg.data.image_size, params=p)  # fmt: skip
         x = x.contiguous(memory_format=torch.channels_last)
         y = cls.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):

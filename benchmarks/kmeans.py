@@ -12,9 +12,9 @@ fallback on the same data, two ways, one run:
     python benchmarks/kmeans.py --n 20000 --k 200
     python benchmarks/kmeans.py --gpu            # torch-cuda (and faiss-gpu if installed)
 
-Data: real-ish, not Gaussian blobs. The 10,000 MNIST test digits (../shared/data), each also
-shifted by up to 2 pixels to make N samples, projected to D dimensions by PCA fitted on the
-originals: digit structure at the issue's size (no 100k-image set ships with the project).
+Data: real-ish, not Gaussian blobs. The 10,000 MNIST test digits (selfclust's built-in copy),
+each also shifted by up to 2 pixels to make N samples, projected to D dimensions by PCA fitted
+on the originals: digit structure at the issue's size (no 100k-image set ships with the project).
 
 Fairness (table 2): every method starts from the same k random points and runs exactly
 --iters Lloyd iterations (sklearn: ``init=<those points>, n_init=1, tol=0,
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from selfclust.labels.kmeans import faiss_gpus, kmeans, kmeans_torch, objective  # noqa: E402
 
-MNIST = ROOT.parent / "shared" / "data" / "mnist_test" / "t10k-images-idx3-ubyte.gz"
+MNIST = ROOT / "selfclust" / "datasets" / "mnist_test" / "t10k-images-idx3-ubyte.gz"  # built in
 
 
 def mnist_features(n: int, d: int, seed: int) -> torch.Tensor:

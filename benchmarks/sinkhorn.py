@@ -404,10 +404,14 @@ def gpu_main(args: argparse.Namespace) -> None:
         total += dt
         r = results[-1]
         print(f"head {h}: {dt:.2f} s, {r.iterations} iterations, error {r.error:.1e}")
+        if args.budget_s is not None and total + dt > args.budget_s:  # the next would not fit
+            break
+    heads = len(results)
     t_it = per_iteration(z, args.lam, 0)["sweep"]
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(
-        f"\n| | value |\n|---|---|\n| {heads} heads total | {total:.2f} s |\n"
+        f"\n| | value |\n|---|---|\n| {heads} heads total | {total:.2f} s "
+        f"({total / heads:.2f} s per head) |\n"
         f"| per iteration | {1e3 * t_it:.2f} ms ({t_it / t_read:.2f}× one block.sum()) |\n"
         f"| block.sum() | {1e3 * t_read:.2f} ms |\n| peak GPU memory | {peak:.1f} GiB |"
     )
@@ -433,6 +437,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gpu", action="store_true", help="ImageNet size on one CUDA device")
     ap.add_argument("--heads", type=int, default=10, help="--gpu: heads solved one by one")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="--gpu: no new head after this many seconds"
+    )
     ap.add_argument(
         "--recompute", type=int, default=0, metavar="D", help="stored vs recomputed logits"
     )
