@@ -88,13 +88,17 @@ def main() -> None:
         opt = torch.optim.SGD(
             bare.parameters(), lr=o.lr, momentum=SGD_MOMENTUM, weight_decay=o.weight_decay
         )
-        x = augment(images, idx, cfg.augment, cfg.seed, 0, tr.size)
+        # The bare loop runs in the trainer's numeric format (bf16 autocast and channels_last
+        # on a GPU), so that the ratio compares loops, not formats.
+        tr.precision.memory_layout_module(bare)
+        x = tr.precision.memory_layout(augment(images, idx, cfg.augment, cfg.seed, 0, tr.size))
         y = tr.bank.lookup(idx).to(device)
 
         def bare_step() -> None:
-            out = bare(x)
+            with tr.precision.autocast(device):
+                out = bare(x)
             loss = torch.stack(
-                [F.cross_entropy(z, t) for z, t in zip(out.logits, y, strict=True)]
+                [F.cross_entropy(z.float(), t) for z, t in zip(out.logits, y, strict=True)]
             ).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,7 +157,9 @@ def main() -> None:
         t_fwd, t_embed, t_relabel = math.inf, math.inf, math.inf
         for _ in range(2):
             t_fwd = min(t_fwd, timed(forward_all))
-            t_embed = min(t_embed, timed(lambda: tr.method.embed(tr.label_batches(), tr.n, False)))
+            t_embed = min(
+                t_embed, timed(lambda: tr.method.embed(tr.data.label_pass(tr.model), tr.n, False))
+            )
             t_relabel = min(t_relabel, timed(tr.relabel))
         print(
             f"\n| label pass over {tr.n} images | s | × bare forward |\n|---|---|---|\n"
