@@ -211,9 +211,29 @@ def build_config(tree: dict[str, Any]) -> RunConfig:
     ``RunConfig.model_validate``)."""
     tree = resolve_keys(tree, strict=True)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+    _check_sela_trainer_keys(cfg)
+    return cfg
+
+
+def _check_sela_trainer_keys(cfg: RunConfig) -> None:
+    """DEC, DEPICT and DGG train their small nets uncompiled and in fp32: torch.compile and
+    the bf16 autocast wrap SeLa's forward only, so asking for them elsewhere is an error."""
+    name, t = cfg.method.name, cfg.trainer
+    if name == "sela":
+        return
+    if t.compile:
+        raise ConfigError(
+            f"trainer.compile=true compiles SeLa's network only; method.name={name} trains "
+            "uncompiled: remove trainer.compile"
+        )
+    if t.precision == "bf16":
+        raise ConfigError(
+            f"trainer.precision=bf16 is SeLa's autocast; method.name={name} trains in fp32: "
+            "remove trainer.precision"
+        )
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

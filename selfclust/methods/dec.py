@@ -53,13 +53,24 @@ def soft_frequencies(q: torch.Tensor, group: C.Group) -> torch.Tensor:
     return C.all_reduce_sum(q.detach().double().sum(0), group)
 
 
-def target_log_p(log_q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def check_frequencies(f: torch.Tensor, clusters: int) -> torch.Tensor:
+    """``f`` if it is a positive ``[K]`` vector, else a ValueError. Reads f's values: off the
+    CPU a host–device sync, so a training step checks f once per refresh, where it is set."""
+    if f.shape != (clusters,) or not bool((f > 0).all()):
+        raise ValueError(f"f must be a positive [{clusters}] vector, got {tuple(f.shape)}")
+    return f
+
+
+def target_log_p(log_q: torch.Tensor, f: torch.Tensor, *, checked: bool = False) -> torch.Tensor:
     """``log p_ij`` ``[n, K]`` of eq. 3 from this rank's ``log q`` and the global ``f`` [K].
 
     Computed in float64 (the squaring doubles the dynamic range of q) and detached: the target
-    is a constant for the loss, as in DEC's alternating scheme.
+    is a constant for the loss, as in DEC's alternating scheme. ``checked``: ``f`` passed
+    :func:`check_frequencies` already (then only its shape is checked here: no sync).
     """
-    if f.shape != (log_q.shape[1],) or not bool((f > 0).all()):
+    if not checked:
+        check_frequencies(f, log_q.shape[1])
+    elif f.shape != (log_q.shape[1],):
         raise ValueError(f"f must be a positive [{log_q.shape[1]}] vector, got {tuple(f.shape)}")
     s = 2.0 * log_q.detach().double() - f.double().log()[None, :]
     return s - torch.logsumexp(s, dim=1, keepdim=True)

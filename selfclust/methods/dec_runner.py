@@ -22,8 +22,14 @@ class DECRunner(MethodRunner[DecMethod]):
 
     def __init__(self, cfg: RunConfig, model: ClusterNet, num_samples: int, **on: Any) -> None:
         super().__init__(cfg, model, num_samples, **on)
-        self.f = torch.ones(cfg.method.clusters, dtype=torch.float64)
+        self._set_f(torch.ones(cfg.method.clusters, dtype=torch.float64))
         self.stop = dec.StopRule(self.m.stop_tol)
+
+    def _set_f(self, f: torch.Tensor) -> None:
+        """The global frequencies [K] float64: ``f`` on the CPU (state, records) and, checked
+        once here, ``f_step`` on the model's device for the steps."""
+        self.f = dec.check_frequencies(f, self.m.clusters)
+        self.f_step = self._on_model(f)
 
     def pretrain_loss(self, x: torch.Tensor) -> Losses:
         net = self._net(self.model)
@@ -47,7 +53,7 @@ class DECRunner(MethodRunner[DecMethod]):
         with torch.no_grad():
             t = self._net(self.teacher)
             source = t.clustering(t.ae.encode(x))
-        log_p = dec.target_log_p(source, self.f.to(x.device))
+        log_p = dec.target_log_p(source, self.f_step, checked=True)
         kl = dec.kl_loss(log_p, log_q)
         return {"loss": kl, "kl": kl.detach()}
 
@@ -62,7 +68,7 @@ class DECRunner(MethodRunner[DecMethod]):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         with torch.no_grad():
             log_q = self.model.scores(emb.features.float())
-        self.f = dec.soft_frequencies(log_q.exp(), C.WORLD).cpu()
+        self._set_f(dec.soft_frequencies(log_q.exp(), C.WORLD).cpu())
         self._snapshot()
         share = self.f / self.f.sum()
         record = {"f_min": float(share.min()), "f_max": float(share.max())}
@@ -83,5 +89,5 @@ class DECRunner(MethodRunner[DecMethod]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.f = state["f"].clone()
+        self._set_f(state["f"].clone())
         self.stop.load_state_dict(state["stop"])

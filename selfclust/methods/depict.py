@@ -157,12 +157,26 @@ def column_sums(p: torch.Tensor, group: C.Group) -> torch.Tensor:
     return C.all_reduce_sum(p.detach().double().sum(0), group)
 
 
-def balanced_target(p: torch.Tensor, sums: torch.Tensor, power: float = 2.0) -> torch.Tensor:
+def check_column_sums(sums: torch.Tensor, clusters: int) -> torch.Tensor:
+    """``sums`` if it is a positive ``[K]`` vector, else a ValueError. Reads the values: off
+    the CPU a host–device sync, so a training step checks them once per refresh."""
+    if sums.shape != (clusters,) or not bool((sums > 0).all()):
+        raise ValueError(f"column sums must be a positive [{clusters}] vector, got {sums}")
+    return sums
+
+
+def balanced_target(
+    p: torch.Tensor, sums: torch.Tensor, power: float = 2.0, *, checked: bool = False
+) -> torch.Tensor:
     """``q_ik = (p_ik / s_k^½)^a / Σ_k' (p_ik' / s_k'^½)^a`` with the global column sums ``s``
     [K] and ``a = power``; float64, detached. ``power=1`` is eq. 7 as printed; 2 (the
     default) is the authors' code, ``p² / s``, which sharpens as well as balances. A cluster
-    no sample prefers (tiny s_k) gains weight, which keeps the assignments balanced."""
-    if sums.shape != (p.shape[1],) or not bool((sums > 0).all()):
+    no sample prefers (tiny s_k) gains weight, which keeps the assignments balanced.
+    ``checked``: ``sums`` passed :func:`check_column_sums` already (only the shape is checked
+    here then: no sync)."""
+    if not checked:
+        check_column_sums(sums, p.shape[1])
+    elif sums.shape != (p.shape[1],):
         raise ValueError(f"column sums must be a positive [{p.shape[1]}] vector, got {sums}")
     if not power > 0:
         raise ValueError(f"target power must be positive, got {power}")

@@ -25,13 +25,19 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
 
     def __init__(self, cfg: RunConfig, model: ClusterNet, num_samples: int, **on: Any) -> None:
         super().__init__(cfg, model, num_samples, **on)
-        self.s = torch.ones(cfg.method.clusters, dtype=torch.float64)
+        self._set_s(torch.ones(cfg.method.clusters, dtype=torch.float64))
         self.hard = True  # targets = the k-means labels until the first refresh
 
     @staticmethod
     def _net(model: ClusterNet) -> depict.DEPICTNet:
         assert isinstance(model, DEPICTModel)
         return model.net
+
+    def _set_s(self, s: torch.Tensor) -> None:
+        """The global column sums [K] float64: ``s`` on the CPU (state) and, checked once
+        here, ``s_step`` on the model's device for the steps."""
+        self.s = depict.check_column_sums(s, self.m.clusters)
+        self.s_step = self._on_model(s)
 
     def pretrain_loss(self, x: torch.Tensor) -> Losses:
         net = self._net(self.model)
@@ -57,7 +63,7 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
             with torch.no_grad():
                 logits = self._net(self.teacher).clean_logits(x)
             p = torch.softmax(logits.float(), 1)
-            target = depict.balanced_target(p, self.s.to(x.device))
+            target = depict.balanced_target(p, self.s_step, checked=True)
         loss = depict.depict_loss(out, target)
         return {
             "loss": loss.total,
@@ -68,7 +74,7 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
     def _stats(self, emb: Embedded) -> torch.Tensor:
         with torch.no_grad():
             p = torch.softmax(self.model.scores(emb.features.float()), 1)
-        self.s = depict.column_sums(p, C.WORLD).cpu()
+        self._set_s(depict.column_sums(p, C.WORLD).cpu())
         self._snapshot()
         return p
 
@@ -98,7 +104,7 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
         f = emb.features.float()
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, manifold_seed, C.WORLD)
         with torch.no_grad():
-            current = self.model.scores(pool).argmax(1).cpu()
+            current = self.model.scores(self._on_model(pool)).argmax(1).cpu()
         seed, k = manifold_seed, m.clusters
         labels = pool_labels(
             pool, 1, k, seed, m.manifold_neighbors, align_to=current[None], group=C.WORLD
@@ -113,5 +119,5 @@ class DEPICTRunner(MethodRunner[DepictMethod]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.s = state["s"].clone()
+        self._set_s(state["s"].clone())
         self.hard = bool(state["hard"])

@@ -49,13 +49,19 @@ class DGGRunner(MethodRunner[DggMethod]):
         model = self._model(self.model)
         out = model.net(x)
         log_gamma = F.log_softmax(out.posterior_logits.float(), 1)
-        b, k = len(idx), self.m.knn_k
+        b, k, clusters = len(idx), self.m.knn_k, self.m.clusters
+        # The graph lives on the CPU (the tables, fetch_rows' gloo collectives): one copy of
+        # the step's block [b·k, K + 2] (neighbour posteriors, weight, missing) to the device.
         nb, found = graph.fetch_rows(self.neighbours[idx.cpu()].flatten(), self.owned_idx,
                                      self.owned_rows, C.WORLD)  # fmt: skip
-        w = (self.weights[idx.cpu()] * found.view(b, k).float()).to(x.device)
-        elbo = dgg.neg_elbo(x, out, log_gamma, model.prior).mean() / x[0].numel()
-        g = graph.graph_loss(log_gamma.exp(), nb.view(b, k, -1).to(x.device), w)
-        missing = (~found).float().mean()
+        w = self.weights[idx.cpu()].flatten() * found.float()
+        block = torch.cat([nb, w[:, None], (~found).float()[:, None]], 1).to(x.device)
+        # the inputs are unit pixels (DggMethod.pixels): no range check, which would sync
+        elbo = dgg.neg_elbo(x, out, log_gamma, model.prior, check_range=False).mean()
+        elbo = elbo / x[0].numel()
+        nb, w = block[:, :clusters].view(b, k, clusters), block[:, clusters].view(b, k)
+        g = graph.graph_loss(log_gamma.exp(), nb, w)
+        missing = block[:, clusters + 1].mean()
         return {
             "loss": elbo + self.m.graph_weight * g,
             "elbo": elbo.detach(),

@@ -59,14 +59,19 @@ def fit_head(
     With ``centroids`` (a linear head) the head starts as ``softmax(−‖z − c_k‖² / τ)``, τ the
     mean squared distance of the pool to its nearest centroid: its argmax is the k-means
     partition from the first step, so Adam only sharpens it (from a random head, a small-scale
-    embedding needs many steps to reach confident predictions)."""
+    embedding needs many steps to reach confident predictions).
+
+    The fit runs on the head's device: the pool and labels (CPU tensors from
+    :func:`~selfclust.labels.sample.sample_pool`) are copied there once."""
+    dev = next(head.parameters()).device
+    pool, labels = pool.to(dev), labels.to(dev)
     if centroids is not None and isinstance(head, nn.Linear):
         c = centroids.to(pool)
         tau = float(dec.squared_distances(pool, c).min(1).values.mean().clamp_min(1e-12))
         with torch.no_grad():
             head.weight.copy_(2.0 * c / tau)
             head.bias.copy_(-c.square().sum(1) / tau)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=dev)
     if steps:
         opt = torch.optim.Adam(head.parameters(), 1e-2)
         with torch.enable_grad():
@@ -190,7 +195,9 @@ class MethodRunner(Method, Generic[M]):
         centroid. ``cluster_init=manifold``: UMAP + a Gaussian mixture on the same sample
         (:mod:`selfclust.labels.manifold`; the other
         rows by k-NN vote), centroids the clusters' means
-        over every rank's rows (one all-reduce of K × d sums and K counts)."""
+        over every rank's rows (one all-reduce of K × d sums and K counts).
+
+        The centroids are on the embedding's device; the pool and the labels on the CPU."""
         m = self.m
         f = emb.features.float()
         pool = sample_pool(f, emb.idx, self.n, m.kmeans_samples, self.cfg.seed, C.WORLD)
@@ -198,7 +205,7 @@ class MethodRunner(Method, Generic[M]):
             mu = dec.best_centroids(
                 pool, m.clusters, m.kmeans_restarts, self.cfg.seed, group=C.WORLD
             )
-            return mu, pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
+            return mu.to(f.device), pool, assign(pool.cpu(), mu.cpu()), assign(f.cpu(), mu.cpu())
         labels = pool_labels(pool, 1, m.clusters, self.cfg.seed, m.manifold_neighbors,
                              candidates=m.manifold_init_candidates, group=C.WORLD)  # fmt: skip
         own = extend_labels(f, emb.idx, pool, labels, self.n, m.kmeans_samples, self.cfg.seed,
@@ -212,6 +219,11 @@ class MethodRunner(Method, Generic[M]):
 
     def _snapshot(self) -> None:
         self.teacher.load_state_dict(self.model.state_dict())
+
+    def _on_model(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the model's device: what a step or a refresh reads beside the network (a
+        target's K-vector goes there once per refresh, not once per step)."""
+        return t.to(next(self.model.parameters()).device)
 
     def initialise(self, emb: Embedded) -> tuple[torch.Tensor, dict[str, Any]]:
         """Phase 1: set the clustering part of the network from k-means on ``emb``; returns

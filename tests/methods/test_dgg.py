@@ -67,6 +67,11 @@ def test_neg_elbo_matches_the_vade_formula() -> None:
         kl_z -= 0.5 * np.sum(1 + lv_t[i])
         kl_c = np.sum(gam[i] * np.log(gam[i] / pi))
         assert ours[i] == pytest.approx(rec + kl_z + kl_c, rel=1e-10)
+    # inputs outside [0, 1] are refused unless the caller's pixels are unit by construction
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        dgg.neg_elbo(x + 1, out, log_gamma, prior)
+    unchecked = dgg.neg_elbo(x, out, log_gamma, prior, check_range=False).detach().numpy()
+    assert np.array_equal(unchecked, ours)
 
 
 def test_elbo_kl_terms_match_a_monte_carlo_estimate() -> None:
