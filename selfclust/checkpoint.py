@@ -1,4 +1,5 @@
-"""Full-state checkpoints: everything needed to continue a run bit-for-bit.
+"""Full-state checkpoints: everything needed to continue a run exactly (bit for bit on CPUs;
+on GPUs cuDNN and float atomics vary from run to run).
 
 A checkpoint is a directory holding ``state.pt`` (a dict of plain tensors and Python scalars,
 loadable with ``torch.load(weights_only=True)``): model, optimizer, LR scheduler, label bank,

@@ -230,7 +230,8 @@ class TrainerConfig(_Section):
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
-        description="SeLa's autocast: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
+        description="SeLa's training autocast: auto (bf16 on a GPU that runs it natively, "
+        "compute capability >= 8.0; else fp32), bf16 or fp32; label passes embed in fp32",
         json_schema_extra=_for("sela"),
     )
     compile: bool = Field(
