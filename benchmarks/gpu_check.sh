@@ -15,7 +15,8 @@
 #   5. the Sinkhorn at ImageNet size, N = 1,281,167, K = 3000, as many of 10 heads as fit in 2 min;
 #   6. SeLa's ResNet-50 training step (bf16, channels_last) against supervised ResNet-50 on the
 #      same GPU, one label pass, and how many labels bf16 features would change (gpu_train.py);
-#   7. k-means on the GPU (torch on CUDA, faiss-gpu where installed) against faiss on the CPU.
+#   7. k-means on the GPU (torch on CUDA, faiss-gpu where installed) against faiss on the CPU;
+#   8. in the time left, the training step under torch.compile (trainer.compile=true).
 # Then one table: each step's status and seconds, followed by each step's own table. Logs and
 # JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
 set -uo pipefail
@@ -48,13 +49,12 @@ step() {  # name limit_s command...: run it, log it, record status and time
   tail -n 40 "$out/$name.log"
 }
 
-install() {
-  [ -d .whl ] || { echo "no .whl/: run benchmarks/gpu_wheels.sh where PyPI is reachable"; return 1; }
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-}
-
-step install 90 install
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step install 90 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl
+else
+  rows+=("| install | no .whl/: run benchmarks/gpu_wheels.sh where PyPI is reachable | |")
+fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 step device 60 "$py" benchmarks/gpu_device.py
 step cuda_tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra \
@@ -65,6 +65,9 @@ step sinkhorn 180 "$py" benchmarks/sinkhorn.py --gpu --heads 10 --budget-s 120
 step train_step 150 "$py" benchmarks/gpu_train.py --synthetic --steps 20 --blocks 2 \
   --out "$out/gpu_train.json"
 step kmeans 90 "$py" benchmarks/kmeans.py --gpu --skip-sklearn --skip-defaults
+# Last, in what time is left: trainer.compile=true (Triton needs a C compiler and Python.h).
+step compile 150 "$py" benchmarks/gpu_train.py --synthetic --steps 10 --blocks 1 --compile \
+  --no-relabel
 
 {
   echo
@@ -73,7 +76,7 @@ step kmeans 90 "$py" benchmarks/kmeans.py --gpu --skip-sklearn --skip-defaults
   echo "| step | result | s |"
   echo "|---|---|---|"
   printf '%s\n' "${rows[@]}"
-  for name in device cuda_tests short_runs sinkhorn train_step kmeans; do
+  for name in device cuda_tests short_runs sinkhorn train_step kmeans compile; do
     [ -f "$out/$name.log" ] || continue
     echo
     echo "### $name"

@@ -188,8 +188,16 @@ def train_batches(
     return _in_planned_order(loader, order[skip_steps:])
 
 
-def _recut(loader: DataLoader, batch_size: int) -> Iterator[_Message]:
-    """Each worker's last batch may be short: re-cut so that only the final one is."""
+def _recut(loader: DataLoader, batch_size: int, pin_memory: bool = False) -> Iterator[_Message]:
+    """Each worker's last batch may be short: re-cut so that only the final one is. With
+    ``pin_memory`` the re-cut batches are written into pinned memory (their copy to the GPU
+    is then asynchronous), at no extra copy."""
+
+    def cat(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        first = tensors[0]
+        shape = (sum(len(t) for t in tensors), *first.shape[1:])
+        return torch.cat(tensors, out=torch.empty(shape, dtype=first.dtype, pin_memory=pin_memory))
+
     held: list[tuple[torch.Tensor, ...]] = []
     size = 0
     for batch, role, stats in loader:
@@ -199,12 +207,12 @@ def _recut(loader: DataLoader, batch_size: int) -> Iterator[_Message]:
         held.append(batch)
         size += len(batch[1])
         while size >= batch_size:
-            cat = [torch.cat(t) for t in zip(*held, strict=True)]
-            yield tuple(t[:batch_size] for t in cat), role, stats
-            held = [tuple(t[batch_size:] for t in cat)]
+            whole = [cat(t) for t in zip(*held, strict=True)]
+            yield tuple(t[:batch_size] for t in whole), role, stats
+            held = [tuple(t[batch_size:] for t in whole)]
             size -= batch_size
     if size:
-        yield tuple(torch.cat(t) for t in zip(*held, strict=True)), 0, None
+        yield tuple(cat(t) for t in zip(*held, strict=True)), 0, None
 
 
 def eval_batches(
@@ -214,16 +222,18 @@ def eval_batches(
     batch_size: int,
     num_workers: int = 0,
     image_size: int | None = None,
+    pin_memory: bool = False,
 ) -> Batches[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Every sample of this rank's shards once, unshuffled: ``(images uint8 [b,C,H,W],
     idx int64 [b], cls int64 [b] with -1 where unknown)``. Only the last batch may be short.
     Over all ranks every idx in 0..N-1 appears exactly once, except bad data, which is left
-    out and counted in ``.stats`` (so seen + ``stats.skipped`` over all ranks is N)."""
+    out and counted in ``.stats`` (so seen + ``stats.skipped`` over all ranks is N).
+    ``pin_memory``: batches in pinned memory, for an asynchronous copy to a GPU."""
     _check_rank(rank, world_size, batch_size)
     mine = plan.rank_pieces(_shard_pieces(shards, world_size), rank, world_size, 0, None)
     roles = plan.worker_roles(mine, num_workers)
     decoder = Decoder(shards.channels, image_size, None)
     dataset = EvalStream(roles, batch_size, decoder, shards.timeout_s)
     loader = _loader(dataset, len(roles) if num_workers > 0 and mine else 0)
-    messages = _recut(loader, batch_size) if mine else iter(())  # a rank without shards
+    messages = _recut(loader, batch_size, pin_memory) if mine else iter(())  # no shards: none
     return Batches(messages, lambda payload, role: payload)

@@ -85,6 +85,7 @@ class RankData:
             self.eval_batch,
             num_workers=self.loader_workers,
             image_size=self.cfg.data.image_size,
+            pin_memory=self.device.type == "cuda",
         )
 
 
