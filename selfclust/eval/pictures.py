@@ -5,7 +5,8 @@ Written as PNGs into the run dir (``gallery.png``, ``cluster_sizes.png``, ``conf
 and logged as images to the run's own W&B run (its id from ``run.json``, ``resume="allow"``,
 the mode from the run's ``config.yaml``). They show the head chosen without ground truth (the
 lowest training loss), on the run's evaluation shards (else its training shards). Only the
-first ``max_samples`` samples are scored, so a huge set costs one bounded CPU pass.
+first samples are scored (:func:`picture_samples`: fewer for larger images), on the driver's
+GPU when it has one, so a huge set costs one bounded pass (ImageNet on a CPU head: minutes).
 
 This module chooses what is shown (the samples scored, the clusters and tiles, the titles) and
 where it goes; :mod:`selfclust.eval.figures` lays out and saves each figure.
@@ -40,6 +41,14 @@ class Assignments:
     total: int  # samples in the shard set (n may be fewer: max_samples)
 
 
+def picture_samples(side: int | None) -> int:
+    """How many samples the pictures score: 100,000 images of up to 32 px, and as many pixels
+    for larger ones (a pass of bounded cost), but at least 10,000 (ImageNet's 224 px)."""
+    if side is None or side <= 32:
+        return 100_000
+    return max(10_000, 100_000 * 32 * 32 // (side * side))
+
+
 @torch.no_grad()
 def assign(
     model: SelfLabelNet,
@@ -49,12 +58,15 @@ def assign(
     max_samples: int,
     batch_size: int = 512,
 ) -> Assignments:
-    """One pass (this process, no ranks) over the first ``max_samples`` samples."""
+    """One pass (this process, no ranks) over the first ``max_samples`` samples, on the
+    model's device."""
     model.eval()
+    device = next(model.parameters()).device
     idx, cls, pred, conf = [], [], [], []
     batches = eval_batches(shards, 0, 1, batch_size, image_size=image_size)
     for images, i, c in itertools.islice(batches, -(-max_samples // batch_size)):
-        p = torch.softmax(model(normalize(images, image_size)).logits[head].float(), 1)
+        x = normalize(images.to(device), image_size)
+        p = torch.softmax(model(x).logits[head].float(), 1).cpu()
         top = p.max(1)
         idx.append(i.numpy())
         cls.append(c.numpy())
@@ -157,7 +169,7 @@ def run_pictures(
     data: str | None = None,
     per_cluster: int = 10,
     max_clusters: int = 20,
-    max_samples: int = 100_000,
+    max_samples: int | None = None,
     wandb_log: bool = True,
 ) -> dict[str, Any]:
     """Pictures of a finished (or checkpointed) run, written into ``run_dir``."""
@@ -168,7 +180,10 @@ def run_pictures(
     model, cfg, ckpt, state = load_run(run_dir, data)
     shards = ShardSet.open(data or cfg.data.eval or cfg.data.train, cfg.data.io_timeout_s)
     head = best_head(state["extra"].get("head_loss"))
-    a = assign(model, shards, head, cfg.data.image_size, max_samples)
+    if torch.cuda.is_available():  # the driver's own GPU, where it has one
+        model = model.cuda()
+    side = cfg.data.image_size or (shards.image or {}).get("height")
+    a = assign(model, shards, head, cfg.data.image_size, max_samples or picture_samples(side))
     paths = draw(
         a,
         shards,

@@ -139,3 +139,11 @@ def test_probe_and_evaluate_cli_on_a_checkpoint(shards: Path, tmp_path: Path, mo
     assert len(ev["head_agreement"]["pairs"]) == 1
     assert {"ami", "majority_acc", "size_entropy"} <= set(ev["heads"][0])
     assert cli.main(["evaluate", ckpt, "--pictures"]) == 2  # pictures need a run dir
+
+
+def test_picture_samples_bound_the_pass_by_pixels() -> None:
+    from selfclust.eval.pictures import picture_samples
+
+    assert picture_samples(None) == picture_samples(28) == picture_samples(32) == 100_000
+    assert picture_samples(64) == 25_000  # as many pixels as 100,000 images of 32 px
+    assert picture_samples(224) == picture_samples(512) == 10_000  # never below 10,000
