@@ -194,9 +194,11 @@ def _recut(loader: DataLoader, batch_size: int, pin_memory: bool = False) -> Ite
     is then asynchronous), at no extra copy."""
 
     def cat(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if not pin_memory:  # torch.cat keeps the inputs' memory format (and so the CPU's bits)
+            return torch.cat(tensors)
         first = tensors[0]
         shape = (sum(len(t) for t in tensors), *first.shape[1:])
-        return torch.cat(tensors, out=torch.empty(shape, dtype=first.dtype, pin_memory=pin_memory))
+        return torch.cat(tensors, out=torch.empty(shape, dtype=first.dtype, pin_memory=True))
 
     held: list[tuple[torch.Tensor, ...]] = []
     size = 0
