@@ -137,9 +137,10 @@ def gather_bank(
     if skipped and fill is None:
         raise RuntimeError(f"{skipped} samples were skipped and no labels were given to keep")
     T = local_labels.shape[0]
+    dtype = fill.dtype if fill is not None else torch.int64  # the bank's compact type
     bank = fill.clone() if skipped and fill is not None else torch.empty(T, num_samples)
-    bank = bank.to(torch.int64)
-    bank[:, gidx] = everything[:, 1:].t()
+    bank = bank.to(dtype)
+    bank[:, gidx] = everything[:, 1:].t().to(dtype)
     return bank
 
 
