@@ -12,6 +12,7 @@ from selfclust.collectives import WORLD
 from selfclust.config import ModelConfig
 from selfclust.data.shardset import ShardSet
 from selfclust.data.streams import eval_batches
+from selfclust.labels.bank import LabelBank
 from selfclust.labels.label_pass import embed, gather_bank, kmeans_labels
 from selfclust.labels.sinkhorn import sinkhorn_labels
 from selfclust.labels.sinkhorn_logits import head_logits
@@ -57,6 +58,11 @@ def label_pass(rank: int, world: int, shard_dir: str) -> dict:
         emb, 2, 10, 1000, 0, s.num_samples, seeding="kmeans++", tol=1e-3, group=WORLD
     )
     init = gather_bank(km, emb.idx, s.num_samples, group=WORLD)
+    # The loop's call: into the compact int16 bank (sent as bytes: gloo has no int16).
+    compact = gather_bank(
+        km, emb.idx, s.num_samples, group=WORLD, fill=LabelBank(2, 1797, 10).labels
+    )
+    assert compact.dtype == torch.int16 and torch.equal(compact.long(), init)
     return {
         "bank": bank,
         "iters": stats.iterations,
