@@ -21,6 +21,7 @@ from selfclust.error_log import RAY_ERROR_LOGGERS as RAY_ERROR_LOGGERS
 from selfclust.error_log import hide_user_error_logs, log_user_error, user_error
 from selfclust.errors import ERROR_LOG, UserError
 from selfclust.ray_console import RayOutput
+from selfclust.recipe import with_recipe
 from selfclust.rundir import finished_summary, run_identity, write_summary
 from selfclust.train.gpu import check_cluster_gpus, check_worker_gpu
 
@@ -259,7 +260,7 @@ def train(cfg: RunConfig, run_dir: str | Path, verbose: bool = False) -> dict[st
     os.environ.setdefault(POLL_ENV, str(report_poll_interval(cfg.trainer.num_workers)))
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = resolve_data(cfg, run_dir)
+    cfg = with_recipe(resolve_data(cfg, run_dir))  # recipe: auto fills in what data decide
     preflight(cfg)  # before any worker starts: each mistake found once, as one line
     info = run_identity(run_dir, cfg)
     done = finished_summary(run_dir)

@@ -45,6 +45,13 @@ class SelaMethod(MethodBase):
         "untrained backbone's pooled features (kmeans) or on raw-pixel thumbnails "
         "(kmeans_pixels), or UMAP + a Gaussian mixture on the thumbnails (manifold_pixels)",
     )
+    relabel_heads: Literal["keep", "kmeans"] = Field(
+        "keep",
+        description="keep: each label update runs Sinkhorn on the heads as trained (SeLa); "
+        "kmeans: the heads are first set to k-means centroids of the backbone's L2-normalised "
+        "features (faiss over method.kmeans_samples, every rank assigning its own rows), so "
+        "Sinkhorn re-partitions the feature space rather than refining the heads' own partition",
+    )
     manifold_relabels: int = Field(
         0,
         ge=0,

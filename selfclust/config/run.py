@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -53,6 +53,13 @@ class RunConfig(_Section):
         ge=0,
         description="random seed of the initial weights, the first labels, the clustering "
         "samples, the augmentations and the shard order",
+    )
+    recipe: Literal["auto", "none"] = Field(
+        "none",
+        description="auto: SeLa's one recipe (configs/sela.yaml) derives every data-dependent "
+        "key the config does not set (training length, crops, flips, colour, network, sample "
+        "sizes) from the shards' N, image size and channels and method.clusters "
+        "(docs/recipe.md); none: the keys' defaults",
     )
     data: DataConfig = Field(
         default_factory=DataConfig, description="what to train and evaluate on"

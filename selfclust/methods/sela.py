@@ -28,6 +28,7 @@ from selfclust.labels.label_pass import (
     thumbnails,
 )
 from selfclust.labels.manifold import manifold_labels
+from selfclust.labels.refine import RefinePlan, heads_to_centres
 from selfclust.labels.sinkhorn import sinkhorn_labels
 from selfclust.labels.sinkhorn_logits import recompute_logits
 from selfclust.methods.base import LabelUpdate, Method
@@ -42,6 +43,9 @@ THUMBNAIL_SIDE = 16
 # iterations stall near 1e-6, and the labels stop changing well before; the cap is only a cap.
 SINKHORN_TOL = 1e-3
 SINKHORN_MAX_ITERS = 1000
+# method.relabel_heads=kmeans: k-means runs on the global sample beside the centres refined
+# from the current labels; the best by the sample's mean cosine to its centre is kept.
+KMEANS_RESTARTS = 4
 
 
 class SeLa(Method):
@@ -138,6 +142,12 @@ class SeLa(Method):
             return local, {"event": "relabel", "labeller": "manifold"}
         if self.device.type == "cuda":  # training's cached blocks back to the device
             torch.cuda.empty_cache()
+        refined: dict[str, float] = {}
+        if m.relabel_heads == "kmeans":  # heads re-set to cluster centres of the features
+            plan = RefinePlan(m.clusters, KMEANS_RESTARTS, m.kmeans_samples, self.n,
+                              self.cfg.seed + step)  # fmt: skip
+            refined = heads_to_centres(self.model.heads, emb.features, emb.idx,
+                                       bank.labels[:, emb.idx], plan, C.WORLD)  # fmt: skip
         recompute = recompute_logits(
             m.sinkhorn_logits, len(emb.features), m.clusters, self.device, C.WORLD
         )
@@ -156,6 +166,7 @@ class SeLa(Method):
             "sinkhorn_iters": max(st.iterations),
             "sinkhorn_error": max(st.errors),
         }
+        record.update(refined)
         return local, record
 
     def _manifold(

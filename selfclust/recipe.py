@@ -1,0 +1,155 @@
+"""SeLa's one recipe (``recipe: auto``, configs/sela.yaml): what depends on the data is derived
+from the data.
+
+The driver reads the shard manifest (N images, their side and channels) and, with K from
+``method.clusters``, fills in every key below that the config does not set; a key the config or
+the command line sets is kept as given. The rules (docs/recipe.md gives the reasons):
+
+* **training length**: at least 24 epochs and at least 300,000 images seen
+  (``optim.epochs = max(24, ceil(300000 / N))``): small sets need many passes, large ones few;
+* **crops**: the smallest random-resized crop still holds a 16 × 16 patch of the image
+  (``crop_scale = [clip((16 / side)², 0.08, 0.5), 1]``: 0.08 at 224 px as in SimCLR/SeLa);
+* **colour** (3 channels, photographs): flips, colour jitter, random grayscale, no rotation;
+  **grey** (1 channel: digits, characters, scans): no flips, no grayscale, rotations up to
+  ±25°; brightness/contrast jitter for both;
+* **network**: the narrow small_resnet up to 64 px; ResNet-18 with ImageNet's stem above;
+  images of mixed sizes are cropped to 224 px in the loader;
+* **samples**: k-means clusters every image up to 100,000, above that ``max(100000, 100 K)``
+  sampled ones (a fixed size, whatever N);
+* **labels**: one head; first labels by k-means on pixel thumbnails; 12 evenly spaced label
+  updates after the first 12 % of training, each re-setting the head to k-means centroids of
+  the backbone's features before Sinkhorn (``method.relabel_heads=kmeans``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from selfclust.config import ConfigError, RunConfig, SelaMethod
+
+# Fewest images per cluster the recipe serves (ORL: 10 per person). Below it, equal-size
+# clusters are mostly noise.
+MIN_PER_CLUSTER = 5
+MIN_EPOCHS = 24
+MIN_IMAGES_SEEN = 300_000
+PATCH = 16  # pixels: the side of the smallest crop
+ALL_SAMPLES_UP_TO = 100_000
+SAMPLES_PER_CLUSTER = 100
+SMALL_SIDE = 64  # up to here: small_resnet on the shards' own size
+MIXED_SIDE = 224
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the recipe reads from the shard manifest, and K."""
+
+    num_samples: int
+    side: int | None  # the longer side when every image has one size; None when mixed
+    channels: int
+    clusters: int
+
+
+def crop_low(side: int) -> float:
+    """The smallest crop's area fraction: a 16 × 16 patch, between 0.08 and 0.5."""
+    return round(min(0.5, max(0.08, (PATCH / side) ** 2)), 3)
+
+
+def rules(f: DataFacts) -> dict[str, dict[str, Any]]:
+    """The recipe's values for these data: ``{section: {key: value}}``."""
+    side = f.side or MIXED_SIDE
+    colour = f.channels == 3
+    if f.side is not None and f.side <= SMALL_SIDE:
+        model: dict[str, Any] = {"arch": "small_resnet", "widths": [16, 32, 64]}
+    else:
+        model = {"arch": "resnet18", "small_stem": False}
+    data: dict[str, Any] = {} if f.side is not None else {"image_size": MIXED_SIDE}
+    augment: dict[str, Any] = {
+        "crop_scale": [crop_low(side), 1.0],
+        "hflip": 0.5 if colour else 0.0,
+        "grayscale": 0.2 if colour else 0.0,
+        "rotation": 0.0 if colour else 25.0,
+        "jitter": 0.4,
+    }
+    if f.side is None:
+        augment["where"] = "loader"
+    samples = f.num_samples
+    if samples > ALL_SAMPLES_UP_TO:
+        samples = max(ALL_SAMPLES_UP_TO, SAMPLES_PER_CLUSTER * f.clusters)
+    method = {
+        "heads": 1,
+        "init": "kmeans_pixels",
+        "relabel_heads": "kmeans",
+        "relabels": 12,
+        "relabel_power": 1.0,
+        "relabel_start": 0.12,
+        "kmeans_samples": samples,
+    }
+    epochs = max(MIN_EPOCHS, math.ceil(MIN_IMAGES_SEEN / f.num_samples))
+    optim = {"epochs": epochs, "batch_size": 128, "lr": 0.05, "weight_decay": 1e-4,
+             "schedule": "cosine"}  # fmt: skip
+    return {"data": data, "model": model, "augment": augment, "method": method, "optim": optim}
+
+
+def check_facts(f: DataFacts, cfg: RunConfig) -> None:
+    """The recipe's limits, as errors that name the key to change."""
+    if f.clusters * MIN_PER_CLUSTER > f.num_samples:
+        raise ConfigError(
+            f"method.clusters={f.clusters} asks for clusters of {f.num_samples / f.clusters:.1f} "
+            f"images on average ({f.num_samples} in {cfg.data.train}); the recipe needs at "
+            f"least {MIN_PER_CLUSTER} per cluster: lower method.clusters to at most "
+            f"{f.num_samples // MIN_PER_CLUSTER} or add images"
+        )
+
+
+def apply_recipe(cfg: RunConfig, facts: DataFacts) -> tuple[RunConfig, dict[str, Any]]:
+    """``cfg`` with the recipe's value for every key it does not set, and those values
+    (dotted keys). A config without ``recipe: auto`` is returned as it is."""
+    if cfg.recipe != "auto":
+        return cfg, {}
+    if not isinstance(cfg.method, SelaMethod):
+        raise ConfigError(
+            f"recipe: auto is SeLa's recipe; method.name={cfg.method.name} takes its keys from "
+            "the config: remove recipe"
+        )
+    if "clusters" not in cfg.method.model_fields_set:
+        raise ConfigError(
+            "recipe: auto needs the number of clusters: set method.clusters=K (e.g. the number "
+            "of classes you expect)"
+        )
+    check_facts(facts, cfg)
+    tree, filled = cfg.to_dict(), {}
+    for section, values in rules(facts).items():
+        given = getattr(cfg, section).model_fields_set
+        for key, value in values.items():
+            if key not in given:
+                tree[section][key] = value
+                filled[f"{section}.{key}"] = value
+    return RunConfig.model_validate(tree), filled
+
+
+def describe(facts: DataFacts, filled: dict[str, Any]) -> str:
+    """One line for the console: the data and what the recipe chose."""
+    side = f"{facts.side}px" if facts.side else "mixed sizes"
+    chosen = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in filled.items())
+    return (
+        f"recipe: {facts.num_samples} images, {side}, {facts.channels} channel(s), "
+        f"K={facts.clusters} -> {chosen}"
+    )
+
+
+def with_recipe(cfg: RunConfig) -> RunConfig:
+    """The driver's step (after :func:`~selfclust.data.preflight.resolve_data`): read the
+    training shards' manifest and apply the recipe, printing what it chose."""
+    if cfg.recipe != "auto":
+        return cfg
+    from selfclust.data.shardset import ShardSet
+
+    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
+    image = shards.image
+    side = max(int(image["height"]), int(image["width"])) if image else None
+    facts = DataFacts(shards.num_samples, side, shards.channels, cfg.method.clusters)
+    cfg, filled = apply_recipe(cfg, facts)
+    print(f"[selfclust] {describe(facts, filled)}", flush=True)
+    return cfg

@@ -1,0 +1,64 @@
+"""The one recipe (recipe: auto): rules from the data, keys the config sets kept, the
+recipe's limits as errors naming the key, and the facts read from real shards."""
+
+import pytest
+
+from selfclust.config import ConfigError, load_config
+from selfclust.recipe import DataFacts, apply_recipe, crop_low, rules, with_recipe
+
+MNIST = DataFacts(num_samples=10_000, side=28, channels=1, clusters=10)
+PHOTOS = DataFacts(num_samples=1_281_167, side=None, channels=3, clusters=3000)
+
+
+def test_rules_follow_the_data():
+    grey, photos = rules(MNIST), rules(PHOTOS)
+    assert grey["optim"]["epochs"] == 30  # 300k images seen
+    assert rules(DataFacts(400, 32, 1, 40))["optim"]["epochs"] == 750
+    assert photos["optim"]["epochs"] == 24
+    assert grey["augment"]["hflip"] == 0 and photos["augment"]["hflip"] == 0.5
+    assert grey["augment"]["grayscale"] == 0 and photos["augment"]["grayscale"] > 0
+    assert crop_low(28) == pytest.approx(0.327) and crop_low(224) == 0.08
+    assert crop_low(16) == 0.5
+    assert grey["model"]["arch"] == "small_resnet" and photos["model"]["arch"] == "resnet18"
+    assert photos["data"]["image_size"] == 224 and photos["augment"]["where"] == "loader"
+    assert grey["method"]["kmeans_samples"] == 10_000  # every image up to 100k
+    assert photos["method"]["kmeans_samples"] == 300_000  # 100 K: a fixed sample
+
+
+def test_keys_the_config_sets_are_kept():
+    cfg = load_config(None, ["recipe=auto", "method.clusters=10", "augment.hflip=0.25",
+                             "optim.epochs=3"])  # fmt: skip
+    out, filled = apply_recipe(cfg, MNIST)
+    assert out.augment.hflip == 0.25 and out.optim.epochs == 3
+    assert "augment.hflip" not in filled and "optim.epochs" not in filled
+    assert tuple(out.augment.crop_scale) == (pytest.approx(0.327), 1.0)
+    assert out.method.relabel_heads == "kmeans" and filled["method.heads"] == 1
+    same, nothing = apply_recipe(load_config(None, ["method.clusters=10"]), MNIST)
+    assert nothing == {} and same.optim.epochs == 400  # recipe: none, the defaults
+
+
+@pytest.mark.parametrize(
+    ("overrides", "facts", "message"),
+    [
+        (["recipe=auto"], MNIST, "method.clusters=K"),
+        (["recipe=auto", "method.clusters=3000"], DataFacts(10_000, 28, 1, 3000),
+         "lower method.clusters to at most 2000"),
+        (["recipe=auto", "method.name=dec", "method.clusters=10"], MNIST, "remove recipe"),
+    ],
+)
+def test_the_recipes_limits_name_the_key(overrides, facts, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_recipe(load_config(None, overrides), facts)
+
+
+def test_facts_from_real_shards(digits_npz, tmp_path, capsys):
+    from selfclust.shards.write import write_shards
+
+    write_shards(str(digits_npz), tmp_path / "digits")
+    cfg = load_config(None, ["recipe=auto", "method.clusters=10",
+                             f"data.train={tmp_path / 'digits'}"])  # fmt: skip
+    out = with_recipe(cfg)
+    assert out.optim.epochs == 167  # ceil(300000 / 1797)
+    assert tuple(out.augment.crop_scale) == (0.5, 1.0)  # 8 px: the largest smallest crop
+    line = capsys.readouterr().out
+    assert "recipe: 1797 images, 8px, 1 channel(s), K=10" in line
