@@ -39,6 +39,7 @@ ALL_SAMPLES_UP_TO = 100_000
 SAMPLES_PER_CLUSTER = 100
 SMALL_SIDE = 64  # up to here: small_resnet on the shards' own size
 MIXED_SIDE = 224
+MIN_SIDE = 8  # sklearn's 8 x 8 digits train; fewer pixels are not images to this network
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class DataFacts:
     side: int | None  # the longer side when every image has one size; None when mixed
     channels: int
     clusters: int
+    short_side: int | None = None  # the shorter side (same-size images)
 
 
 def crop_low(side: int) -> float:
@@ -94,6 +96,13 @@ def rules(f: DataFacts) -> dict[str, dict[str, Any]]:
 
 def check_facts(f: DataFacts, cfg: RunConfig) -> None:
     """The recipe's limits, as errors that name the key to change."""
+    if f.short_side is not None and f.short_side < MIN_SIDE:
+        raise ConfigError(
+            f"the images in {cfg.data.train} are {f.short_side} px on their shorter side; the "
+            f"recipe's network needs at least {MIN_SIDE} px (it halves the resolution twice): "
+            f"set data.image_size={MIN_SIDE} or more to resize them, or shard images, not "
+            "vectors laid out as one-pixel rows"
+        )
     if f.clusters * MIN_PER_CLUSTER > f.num_samples:
         raise ConfigError(
             f"method.clusters={f.clusters} asks for clusters of {f.num_samples / f.clusters:.1f} "
@@ -148,8 +157,11 @@ def with_recipe(cfg: RunConfig) -> RunConfig:
 
     shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     image = shards.image
-    side = max(int(image["height"]), int(image["width"])) if image else None
-    facts = DataFacts(shards.num_samples, side, shards.channels, cfg.method.clusters)
+    sides = sorted((int(image["height"]), int(image["width"]))) if image else [None, None]
+    if cfg.data.image_size is not None:  # resized to a square of this side
+        sides = [cfg.data.image_size] * 2
+    facts = DataFacts(shards.num_samples, sides[1], shards.channels, cfg.method.clusters,
+                      short_side=sides[0])  # fmt: skip
     cfg, filled = apply_recipe(cfg, facts)
     print(f"[selfclust] {describe(facts, filled)}", flush=True)
     return cfg

@@ -41,8 +41,11 @@ def test_keys_the_config_sets_are_kept():
     ("overrides", "facts", "message"),
     [
         (["recipe=auto"], MNIST, "method.clusters=K"),
-        (["recipe=auto", "method.clusters=3000"], DataFacts(10_000, 28, 1, 3000),
-         "lower method.clusters to at most 2000"),
+        (
+            ["recipe=auto", "method.clusters=3000"],
+            DataFacts(10_000, 28, 1, 3000),
+            "lower method.clusters to at most 2000",
+        ),
         (["recipe=auto", "method.name=dec", "method.clusters=10"], MNIST, "remove recipe"),
     ],
 )
@@ -62,3 +65,9 @@ def test_facts_from_real_shards(digits_npz, tmp_path, capsys):
     assert tuple(out.augment.crop_scale) == (0.5, 1.0)  # 8 px: the largest smallest crop
     line = capsys.readouterr().out
     assert "recipe: 1797 images, 8px, 1 channel(s), K=10" in line
+
+
+def test_images_too_small_for_the_network():
+    cfg = load_config(None, ["recipe=auto", "method.clusters=2"])
+    with pytest.raises(ConfigError, match="data.image_size=8"):
+        apply_recipe(cfg, DataFacts(500, 20, 1, 2, short_side=1))

@@ -130,7 +130,9 @@ def sections(method: str | None = None) -> list[Section]:
     out = [top]
     for name, field in RunConfig.model_fields.items():
         if not _is_section(name, field):
-            top.keys.append(_key(name, field, defaults[name], METHODS))
+            owners = key_methods(field)
+            if method is None or method in owners:
+                top.keys.append(_key(name, field, defaults[name], owners))
             continue
         if name == "method":
             out.append(_method_section(method, field.description or ""))

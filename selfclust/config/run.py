@@ -60,6 +60,7 @@ class RunConfig(_Section):
         "key the config does not set (training length, crops, flips, colour, network, sample "
         "sizes) from the shards' N, image size and channels and method.clusters "
         "(docs/recipe.md); none: the keys' defaults",
+        json_schema_extra=_for("sela"),
     )
     data: DataConfig = Field(
         default_factory=DataConfig, description="what to train and evaluate on"

@@ -67,15 +67,16 @@ def refine_centres(
     f = F.normalize(features.float(), dim=1)
     labels = labels.to(f.device, torch.int64)
     centres = _means(f, labels, clusters, group)
-    done = 0
-    for done in range(1, iters + 1):
+    runs = 0
+    while runs < iters:
+        runs += 1
         new = _assign(f, centres) if len(f) else labels
         changed = C.all_reduce_sum(torch.tensor([(new != labels).sum().item()]), group)
         labels = new
         if int(changed) == 0:
             break
         centres = _means(f, labels, clusters, group)
-    return centres.float(), done
+    return centres.float(), runs
 
 
 def _objective(pool: torch.Tensor, centres: torch.Tensor) -> float:
@@ -94,8 +95,8 @@ def _aligned(f: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, group
     new = _assign(f, centres) if len(f) else labels
     overlap = torch.zeros(k * k, dtype=torch.float64)
     overlap.index_add_(0, (new.cpu() * k + labels.cpu()), torch.ones(len(new), dtype=torch.float64))
-    overlap = C.all_reduce_sum(overlap, group).view(k, k).numpy()
-    rows, cols = linear_sum_assignment(-overlap)
+    counts = C.all_reduce_sum(overlap, group).view(k, k).numpy()
+    rows, cols = linear_sum_assignment(-counts)
     out = torch.empty_like(centres)
     out[torch.as_tensor(cols)] = centres[torch.as_tensor(rows)]
     return out
@@ -129,8 +130,10 @@ def heads_to_centres(
         warm, _ = refine_centres(f, current, plan.clusters, group)
         cands = [warm]
         if plan.restarts:
-            runs = distributed_centroids(pool, plan.restarts, plan.clusters,
-                                         plan.seed + 7919 * t, LLOYD_ITERS, f.device, group)  # fmt: skip
+            seed = plan.seed + 7919 * t
+            runs = distributed_centroids(
+                pool, plan.restarts, plan.clusters, seed, LLOYD_ITERS, f.device, group
+            )
             cands += [F.normalize(c, dim=1) for c in runs]
         scores = [_objective(pool, c) for c in cands]
         best = max(range(len(cands)), key=lambda i: (scores[i], -i))
