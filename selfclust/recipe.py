@@ -83,6 +83,7 @@ def rules(f: DataFacts) -> dict[str, dict[str, Any]]:
         "heads": 1,
         "init": "kmeans_pixels",
         "relabel_heads": "kmeans",
+        "final_refine": True,
         "relabels": 12,
         "relabel_power": 1.0,
         "relabel_start": 0.12,

@@ -52,6 +52,12 @@ class SelaMethod(MethodBase):
         "features (faiss over method.kmeans_samples, every rank assigning its own rows), so "
         "Sinkhorn re-partitions the feature space rather than refining the heads' own partition",
     )
+    final_refine: bool = Field(
+        False,
+        description="after the last step, re-set each head to the spherical k-means centres of "
+        "the backbone's features, refined by distributed Lloyd iterations from the head's own "
+        "predictions (one label pass), before the final scoring and the export",
+    )
     manifold_relabels: int = Field(
         0,
         ge=0,

@@ -89,6 +89,16 @@ class Method:
         return {}
 
     @property
+    def refits_heads(self) -> bool:
+        """Whether :meth:`refit_heads` wants a label pass once training has ended."""
+        return False
+
+    def refit_heads(self, emb: Embedded) -> dict[str, Any]:
+        """After the last step, before the final scoring: set the heads from a label pass
+        (collective); what it did, for the summary."""
+        return {}
+
+    @property
     def stopped(self) -> bool:
         """The method's own stop rule fired (DEC's tolerance): training ends where it is."""
         return False

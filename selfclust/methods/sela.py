@@ -12,6 +12,8 @@ on pseudo-labels that a distributed Sinkhorn-Knopp step makes equal-size over th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,7 @@ from selfclust.labels.label_pass import (
     Embedded,
     embed,
     kmeans_labels,
+    predictions,
     random_bank,
     thumbnails,
 )
@@ -168,6 +171,19 @@ class SeLa(Method):
         }
         record.update(refined)
         return local, record
+
+    @property
+    def refits_heads(self) -> bool:
+        return self.m.final_refine
+
+    def refit_heads(self, emb: Embedded) -> dict[str, Any]:
+        """Each head re-set to the spherical k-means centres of the features refined from its
+        own predictions (method.final_refine): the partition the features hold, not the one
+        the head's last label update left."""
+        current = predictions(self.model.heads, emb)
+        plan = RefinePlan(self.m.clusters, 0, self.m.kmeans_samples, self.n, self.cfg.seed)
+        heads_to_centres(self.model.heads, emb.features, emb.idx, current, plan, C.WORLD)
+        return {"final_refine": True}
 
     def _manifold(
         self, emb: Embedded, seed: int, pixels: bool, initial: bool, bank: LabelBank
