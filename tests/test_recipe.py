@@ -2,11 +2,13 @@
 recipe's limits as errors naming the key, and the facts read from real shards."""
 
 import pytest
+import torch
 
 from selfclust.config import ConfigError, load_config
 from selfclust.recipe import DataFacts, apply_recipe, crop_low, rules, with_recipe
 
-MNIST = DataFacts(num_samples=10_000, side=28, channels=1, clusters=10)
+MNIST = DataFacts(num_samples=10_000, side=28, channels=1, clusters=10, mid_tones=0.09)
+FACES = DataFacts(num_samples=400, side=32, channels=1, clusters=40, mid_tones=0.89)
 PHOTOS = DataFacts(num_samples=1_281_167, side=None, channels=3, clusters=3000)
 
 
@@ -15,8 +17,11 @@ def test_rules_follow_the_data():
     assert grey["optim"]["epochs"] == 30  # 300k images seen
     assert rules(DataFacts(400, 32, 1, 40))["optim"]["epochs"] == 750
     assert photos["optim"]["epochs"] == 24
-    assert grey["augment"]["hflip"] == 0 and photos["augment"]["hflip"] == 0.5
-    assert grey["augment"]["grayscale"] == 0 and photos["augment"]["grayscale"] > 0
+    faces = rules(FACES)["augment"]
+    assert grey["augment"]["hflip"] == 0 and grey["augment"]["rotation"] == 25  # strokes
+    assert faces["hflip"] == photos["augment"]["hflip"] == 0.5 and faces["rotation"] == 0
+    assert grey["augment"]["grayscale"] == faces["grayscale"] == 0  # one channel
+    assert photos["augment"]["grayscale"] > 0
     assert crop_low(28) == pytest.approx(0.327) and crop_low(224) == 0.08
     assert crop_low(16) == 0.5
     assert grey["model"]["arch"] == "small_resnet" and photos["model"]["arch"] == "resnet18"
@@ -63,8 +68,21 @@ def test_facts_from_real_shards(digits_npz, tmp_path, capsys):
     out = with_recipe(cfg)
     assert out.optim.epochs == 167  # ceil(300000 / 1797)
     assert tuple(out.augment.crop_scale) == (0.5, 1.0)  # 8 px: the largest smallest crop
+    assert out.augment.hflip == 0  # digits: strokes (35 % mid-tones on sklearn's 8 x 8)
     line = capsys.readouterr().out
-    assert "recipe: 1797 images, 8px, 1 channel(s), K=10" in line
+    assert "recipe: 1797 images, 8px, 1 channel(s), 3" in line and "(strokes), K=10" in line
+
+
+def test_mid_tones_tell_strokes_from_photographs():
+    from selfclust.recipe import STROKES_BELOW, mid_tones
+    from tests.helpers.data import digits
+
+    x, _ = digits()  # 8 x 8 digits, values 0..16
+    strokes = torch.as_tensor(x).reshape(-1, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 255, 32).view(1, 1, 1, 32).expand(64, 3, 32, 32)
+    photos = (ramp + 40 * torch.rand(64, 3, 32, 32, generator=g)).clamp(0, 255).to(torch.uint8)
+    assert mid_tones(strokes) < STROKES_BELOW < mid_tones(photos)
 
 
 def test_images_too_small_for_the_network():
