@@ -93,7 +93,6 @@ def rules(f: DataFacts) -> dict[str, dict[str, Any]]:
     method = {
         "heads": 1,
         "init": "kmeans_pixels",
-        "relabel_heads": "kmeans",
         "final_refine": True,
         "relabels": 12,
         "relabel_power": 1.0,

@@ -37,7 +37,8 @@ def test_keys_the_config_sets_are_kept():
     assert out.augment.hflip == 0.25 and out.optim.epochs == 3
     assert "augment.hflip" not in filled and "optim.epochs" not in filled
     assert tuple(out.augment.crop_scale) == (pytest.approx(0.327), 1.0)
-    assert out.method.relabel_heads == "kmeans" and filled["method.heads"] == 1
+    assert out.method.final_refine and out.method.relabel_heads == "keep"
+    assert filled["method.heads"] == 1
     same, nothing = apply_recipe(load_config(None, ["method.clusters=10"]), MNIST)
     assert nothing == {} and same.optim.epochs == 400  # recipe: none, the defaults
 
