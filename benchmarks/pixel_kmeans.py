@@ -1,9 +1,10 @@
 """Raw-pixel k-means beside a run's clustering: the baseline the results table puts each row
 next to, measured on the same shards and scored the same way (ACC/NMI/ARI on every sample).
 
-    python benchmarks/pixel_kmeans.py SHARDS --clusters K [--seeds 0 1 2] [--redo 5]
+    python benchmarks/pixel_kmeans.py SHARDS --clusters K [--seeds 0 1 2] [--redo 5] [--raw]
 
-k-means (faiss) on the standardised pixels of every image, the best of ``--redo`` runs by
+k-means (faiss) on the pixels of every image (each image standardised, or with ``--raw`` in
+0..1 as they are), the best of ``--redo`` runs by
 objective for each seed (no labels used to choose); prints each seed and the mean ± std.
 """
 
@@ -20,12 +21,14 @@ from selfclust.eval.metrics import clustering_scores
 from selfclust.labels.kmeans import _faiss
 
 
-def pixels(spec: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every image of the shards as float32 rows (each standardised), with its class."""
+def pixels(spec: str, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of the shards as float32 rows (each standardised, or 0..1 with ``raw``),
+    with its class."""
     xs, ys = [], []
     for images, _, cls in eval_batches(ShardSet.open(spec), 0, 1, 512):
-        x = images.flatten(1).float()
-        x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-6)
+        x = images.flatten(1).float() / 255
+        if not raw:
+            x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-6)
         xs.append(x)
         ys.append(cls)
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
@@ -37,8 +40,9 @@ def main() -> None:
     p.add_argument("--clusters", type=int, required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--redo", type=int, default=5)
+    p.add_argument("--raw", action="store_true", help="pixels in 0..1 as they are, unstandardised")
     a = p.parse_args()
-    x, y = pixels(a.shards)
+    x, y = pixels(a.shards, a.raw)
     faiss = _faiss()
     rows = []
     for seed in a.seeds:
