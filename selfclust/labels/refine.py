@@ -1,6 +1,7 @@
-"""Distributed spherical k-means that starts from the current labels (``method.relabel_heads=
-kmeans``): SeLa's heads re-set to the cluster centres of the backbone's features before each
-Sinkhorn step.
+"""Distributed spherical k-means that starts from the current labels: SeLa's heads re-set to
+the cluster centres of the backbone's features, once after training (``method.final_refine``,
+the one recipe's) or before every Sinkhorn step (``method.relabel_heads=kmeans``, with k-means
+restarts on the global sample beside it).
 
 SeLa's label update runs Sinkhorn on the heads' own logits, so a partition the heads have
 settled on is only refined: on MNIST-test a head at ACC 0.69 whose backbone's 10-NN are 94 %
@@ -115,7 +116,8 @@ def heads_to_centres(
     ~selfclust.labels.label_pass.heads_from_centroids`), the best by :func:`_objective` on the
     global sample of: the centres refined from its current labels ``labels[t]`` (``[T, n_r]``,
     this rank's rows) and ``plan.restarts`` k-means runs on the sample (rank 0, faiss), then
-    aligned to the current ids and refined on every row. Collective over ``group``."""
+    aligned to the current ids and refined on every row. With ``plan.restarts == 0`` only the
+    refined centres, and no sample is gathered. Collective over ``group``."""
     from selfclust.labels.kmeans import LLOYD_ITERS, distributed_centroids
     from selfclust.labels.label_pass import heads_from_centroids
     from selfclust.labels.sample import sample_pool
@@ -123,19 +125,21 @@ def heads_to_centres(
     f = F.normalize(features.float(), dim=1)
     stats = torch.tensor([features.float().norm(dim=1).sum().item(), float(len(features))])
     total = C.all_reduce_sum(stats, group)
-    pool = sample_pool(f, idx, plan.num_samples, plan.samples, plan.seed, group).to(f.device)
+    pool = None  # the global sample, only to run and judge restarts
+    if plan.restarts:
+        pool = sample_pool(f, idx, plan.num_samples, plan.samples, plan.seed, group).to(f.device)
     chosen, record = [], {"kmeans_restart_wins": 0.0, "kmeans_objective": 0.0}
     for t in range(len(heads)):
         current = labels[t].to(f.device, torch.int64)
         warm, _ = refine_centres(f, current, plan.clusters, group)
         cands = [warm]
-        if plan.restarts:
+        if pool is not None:
             seed = plan.seed + 7919 * t
             runs = distributed_centroids(
                 pool, plan.restarts, plan.clusters, seed, LLOYD_ITERS, f.device, group
             )
             cands += [F.normalize(c, dim=1) for c in runs]
-        scores = [_objective(pool, c) for c in cands]
+        scores = [_objective(pool, c) for c in cands] if pool is not None else [0.0]
         best = max(range(len(cands)), key=lambda i: (scores[i], -i))
         centres = _aligned(f, cands[best], current, group) if best else warm
         if best:  # a restart won: polish it on every row

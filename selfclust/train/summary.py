@@ -119,7 +119,7 @@ def final_summary(tr: Trainer) -> dict[str, Any]:
     cfg = tr.cfg
     shards = ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s) if cfg.data.eval else tr.shards
     sync_buffers(tr.model)
-    refit = {}
+    refit: dict[str, Any] = {}
     if tr.method.refits_heads:  # a label pass, then the heads re-set (SeLa's final_refine)
         refit = tr.method.refit_heads(tr.method.embed(tr.data.label_pass(tr.model), tr.n, False))
     result = score_model(
