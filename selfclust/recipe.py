@@ -186,7 +186,10 @@ def with_recipe(cfg: RunConfig) -> RunConfig:
     training shards' manifest and apply the recipe, printing what it chose."""
     if cfg.recipe != "auto":
         return cfg
+    from selfclust.data.preflight import check_shards
+
     shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
+    check_shards(shards)  # a missing or cut shard named before the sample below reads one
     image = shards.image
     sides = sorted((int(image["height"]), int(image["width"]))) if image else [None, None]
     if cfg.data.image_size is not None:  # resized to a square of this side
