@@ -37,6 +37,7 @@ from selfclust.data.shardset import ShardSet
 # clusters are mostly noise.
 MIN_PER_CLUSTER = 5
 MIN_EPOCHS = 24
+BATCH = 128  # global batch, rounded down to a multiple of trainer.num_workers
 MIN_IMAGES_SEEN = 300_000
 PATCH = 16  # pixels: the side of the smallest crop
 ALL_SAMPLES_UP_TO = 100_000
@@ -68,8 +69,8 @@ def crop_low(side: int) -> float:
     return round(min(0.5, max(0.08, (PATCH / side) ** 2)), 3)
 
 
-def rules(f: DataFacts) -> dict[str, dict[str, Any]]:
-    """The recipe's values for these data: ``{section: {key: value}}``."""
+def rules(f: DataFacts, workers: int = 1) -> dict[str, dict[str, Any]]:
+    """The recipe's values for these data on ``workers`` ranks: ``{section: {key: value}}``."""
     side = f.side or MIXED_SIDE
     colour = f.channels == 3
     strokes = f.mid_tones < STROKES_BELOW
@@ -100,7 +101,8 @@ def rules(f: DataFacts) -> dict[str, dict[str, Any]]:
         "kmeans_samples": samples,
     }
     epochs = max(MIN_EPOCHS, math.ceil(MIN_IMAGES_SEEN / f.num_samples))
-    optim = {"epochs": epochs, "batch_size": 128, "lr": 0.05, "weight_decay": 1e-4,
+    batch = max(workers, BATCH // workers * workers)  # split evenly over the ranks
+    optim = {"epochs": epochs, "batch_size": batch, "lr": 0.05, "weight_decay": 1e-4,
              "schedule": "cosine"}  # fmt: skip
     return {"data": data, "model": model, "augment": augment, "method": method, "optim": optim}
 
@@ -161,7 +163,7 @@ def apply_recipe(cfg: RunConfig, facts: DataFacts) -> tuple[RunConfig, dict[str,
         )
     check_facts(facts, cfg)
     tree, filled = cfg.to_dict(), {}
-    for section, values in rules(facts).items():
+    for section, values in rules(facts, max(1, cfg.trainer.num_workers)).items():
         given = getattr(cfg, section).model_fields_set
         for key, value in values.items():
             if key not in given:

@@ -28,6 +28,7 @@ def test_rules_follow_the_data():
     assert photos["data"]["image_size"] == 224 and photos["augment"]["where"] == "loader"
     assert grey["method"]["kmeans_samples"] == 10_000  # every image up to 100k
     assert photos["method"]["kmeans_samples"] == 300_000  # 100 K: a fixed sample
+    assert grey["optim"]["batch_size"] == 128 and rules(MNIST, 3)["optim"]["batch_size"] == 126
 
 
 def test_keys_the_config_sets_are_kept():
