@@ -17,9 +17,10 @@ the command line sets is kept as given. The rules (docs/recipe.md gives the reas
   images of mixed sizes are cropped to 224 px in the loader;
 * **samples**: k-means clusters every image up to 100,000, above that ``max(100000, 100 K)``
   sampled ones (a fixed size, whatever N);
-* **labels**: one head; first labels by k-means on pixel thumbnails; 12 evenly spaced label
-  updates after the first 12 % of training, each re-setting the head to k-means centroids of
-  the backbone's features before Sinkhorn (``method.relabel_heads=kmeans``).
+* **labels**: one head; first labels by k-means on pixel thumbnails; 12 evenly spaced
+  Sinkhorn label updates after the first 12 % of training; after the last step the head is
+  re-set to the spherical k-means centres of the features refined from its own predictions
+  (``method.final_refine``).
 """
 
 from __future__ import annotations

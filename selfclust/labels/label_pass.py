@@ -192,10 +192,17 @@ def kmeans_labels(
         pool, heads, clusters, seed, niter, f.device, group, seeding=seeding, tol=tol
     )
     if init_heads is not None:
-        norms = emb.features.float().norm(dim=1).sum().cpu()
-        total = C.all_reduce_sum(torch.stack([norms, torch.tensor(float(len(f)))]), group)
-        heads_from_centroids(init_heads, centroids, float(total[0] / total[1]), l2_normalize)
+        norm = mean_feature_norm(emb.features, group)
+        heads_from_centroids(init_heads, centroids, norm, l2_normalize)
     return torch.stack([assign(f, centroids[t]) for t in range(heads)])
+
+
+def mean_feature_norm(features: torch.Tensor, group: C.Group) -> float:
+    """The mean L2 norm of the features' rows over all ranks (collective; a rank may hold
+    none): the scale :func:`heads_from_centroids` gives heads on normalised centroids."""
+    norms = features.float().norm(dim=1).sum().cpu()
+    total = C.all_reduce_sum(torch.stack([norms, torch.tensor(float(len(features)))]), group)
+    return float(total[0] / total[1])
 
 
 @torch.no_grad()

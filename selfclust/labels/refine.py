@@ -119,12 +119,11 @@ def heads_to_centres(
     aligned to the current ids and refined on every row. With ``plan.restarts == 0`` only the
     refined centres, and no sample is gathered. Collective over ``group``."""
     from selfclust.labels.kmeans import LLOYD_ITERS, distributed_centroids
-    from selfclust.labels.label_pass import heads_from_centroids
+    from selfclust.labels.label_pass import heads_from_centroids, mean_feature_norm
     from selfclust.labels.sample import sample_pool
 
     f = F.normalize(features.float(), dim=1)
-    stats = torch.tensor([features.float().norm(dim=1).sum().item(), float(len(features))])
-    total = C.all_reduce_sum(stats, group)
+    norm = mean_feature_norm(features, group)
     pool = None  # the global sample, only to run and judge restarts
     if plan.restarts:
         pool = sample_pool(f, idx, plan.num_samples, plan.samples, plan.seed, group).to(f.device)
@@ -148,6 +147,5 @@ def heads_to_centres(
         chosen.append(centres)
         record["kmeans_restart_wins"] += float(best > 0)
         record["kmeans_objective"] = max(record["kmeans_objective"], scores[best])
-    heads_from_centroids(heads, torch.stack(chosen).to(features.device),
-                         float(total[0] / total[1]), normalized=True)  # fmt: skip
+    heads_from_centroids(heads, torch.stack(chosen).to(features.device), norm, normalized=True)
     return record
