@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from selfclust.config import RunConfig
-from selfclust.data.preflight import preflight, resolve_data
+from selfclust.data.preflight import check_sets, preflight, resolve_data
 from selfclust.error_log import RAY_ERROR_LOGGERS as RAY_ERROR_LOGGERS
 from selfclust.error_log import hide_user_error_logs, log_user_error, user_error
 from selfclust.errors import ERROR_LOG, UserError
@@ -260,8 +260,12 @@ def train(cfg: RunConfig, run_dir: str | Path, verbose: bool = False) -> dict[st
     os.environ.setdefault(POLL_ENV, str(report_poll_interval(cfg.trainer.num_workers)))
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = with_recipe(resolve_data(cfg, run_dir))  # recipe: auto fills in what data decide
-    preflight(cfg)  # before any worker starts: each mistake found once, as one line
+    # Before any worker starts, each mistake found once, as one line: the shards first (a
+    # missing one named before the recipe reads its sample), then what the recipe decides.
+    cfg = resolve_data(cfg, run_dir)
+    check_sets(cfg)
+    cfg = with_recipe(cfg)  # recipe: auto fills in what data decide
+    preflight(cfg)
     info = run_identity(run_dir, cfg)
     done = finished_summary(run_dir)
     if done is not None:

@@ -185,14 +185,12 @@ def describe(facts: DataFacts, filled: dict[str, Any]) -> str:
 
 
 def with_recipe(cfg: RunConfig) -> RunConfig:
-    """The driver's step (after :func:`~selfclust.data.preflight.resolve_data`): read the
-    training shards' manifest and apply the recipe, printing what it chose."""
+    """The driver's step (after :func:`~selfclust.data.preflight.check_sets`, which names a
+    missing or cut shard before the sample below reads one): read the training shards'
+    manifest and apply the recipe, printing what it chose."""
     if cfg.recipe != "auto":
         return cfg
-    from selfclust.data.preflight import check_shards
-
     shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
-    check_shards(shards)  # a missing or cut shard named before the sample below reads one
     image = shards.image
     sides = sorted((int(image["height"]), int(image["width"]))) if image else [None, None]
     if cfg.data.image_size is not None:  # resized to a square of this side

@@ -1,6 +1,6 @@
 """The driver's work on the data before any worker starts: built-in sets sharded and paths made
-absolute (:func:`resolve_data`), then the checks (:func:`preflight`): every shard of a set is
-where its manifest says and of the size it records (:func:`check_shards`), K <= N, batch <= N.
+absolute (:func:`resolve_data`), then the checks: every shard of a set is where its manifest
+says and of the size it records (:func:`check_sets`), K <= N, batch <= N (:func:`preflight`).
 
 Without it a missing shard is found by every Ray worker at once, each with its traceback, and
 Ray Train restarts the group until its attempts are spent; here it is one line naming the shard.
@@ -130,12 +130,18 @@ def check_shards(shards: ShardSet, timeout_s: float | None = None, threads: int 
     return sum(r is True for r in results)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Check what depends on the data before any worker starts, so errors read plainly."""
-    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
-    check_shards(shards)  # every shard there, at its size: one error naming a missing one
+def check_sets(cfg: RunConfig) -> None:
+    """Every shard of the training (and evaluation) set there, at its size: one error naming
+    a missing one. The driver runs it before anything reads an image (the recipe's sample)."""
+    check_shards(ShardSet.open(cfg.data.train, cfg.data.io_timeout_s))
     if cfg.data.eval:
         check_shards(ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s))
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check what depends on the data's size before any worker starts (after
+    :func:`check_sets`), so errors read plainly."""
+    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     n, m = shards.num_samples, cfg.method
     if m.clusters > n:
         raise DataError(
