@@ -141,7 +141,7 @@ def main() -> None:
         "--relabel-heads",
         choices=["keep", "kmeans"],
         default="keep",
-        help="kmeans: first re-set the heads to k-means centres (the recipe's label update)",
+        help="kmeans: first re-set the heads to k-means centres (method.relabel_heads=kmeans)",
     )
     args = ap.parse_args()
     n, k, d, t = args.n, args.k, args.d, args.heads
