@@ -100,7 +100,9 @@ def _state(path: str) -> dict:
 
 
 def _close(a: object, b: object, path: str = "") -> None:
-    """Nested checkpoint values equal (tensors to float tolerance: all-reduced sums)."""
+    """Nested checkpoint values equal (tensors to float tolerance: all-reduced sums of float32
+    values computed in other batch shapes; on some CPUs DEPICT's column sums differ by 1.3e-5
+    relative between 1 and 2 ranks, so 1e-4: a wrong reduction is off by a factor)."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), path
         for k in a:
@@ -108,7 +110,7 @@ def _close(a: object, b: object, path: str = "") -> None:
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.shape == b.shape, path
         if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=path)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=path)
         else:
             assert torch.equal(a, b), path
     else:
