@@ -263,9 +263,9 @@ def train(cfg: RunConfig, run_dir: str | Path, verbose: bool = False) -> dict[st
     # Before any worker starts, each mistake found once, as one line: the shards first (a
     # missing one named before the recipe reads its sample), then what the recipe decides.
     cfg = resolve_data(cfg, run_dir)
-    check_sets(cfg)
-    cfg = with_recipe(cfg)  # recipe: auto fills in what data decide
-    preflight(cfg)
+    shards = check_sets(cfg)
+    cfg = with_recipe(cfg, shards)  # recipe: auto fills in what data decide
+    preflight(cfg, shards)
     info = run_identity(run_dir, cfg)
     done = finished_summary(run_dir)
     if done is not None:

@@ -184,13 +184,15 @@ def describe(facts: DataFacts, filled: dict[str, Any]) -> str:
     )
 
 
-def with_recipe(cfg: RunConfig) -> RunConfig:
+def with_recipe(cfg: RunConfig, shards: ShardSet | None = None) -> RunConfig:
     """The driver's step (after :func:`~selfclust.data.preflight.check_sets`, which names a
     missing or cut shard before the sample below reads one): read the training shards'
-    manifest and apply the recipe, printing what it chose."""
+    manifest (``shards``, where the caller has opened it) and apply the recipe, printing what
+    it chose."""
     if cfg.recipe != "auto":
         return cfg
-    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
+    if shards is None:
+        shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     image = shards.image
     sides = sorted((int(image["height"]), int(image["width"]))) if image else [None, None]
     if cfg.data.image_size is not None:  # resized to a square of this side

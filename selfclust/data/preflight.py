@@ -130,18 +130,22 @@ def check_shards(shards: ShardSet, timeout_s: float | None = None, threads: int 
     return sum(r is True for r in results)
 
 
-def check_sets(cfg: RunConfig) -> None:
+def check_sets(cfg: RunConfig) -> ShardSet:
     """Every shard of the training (and evaluation) set there, at its size: one error naming
-    a missing one. The driver runs it before anything reads an image (the recipe's sample)."""
-    check_shards(ShardSet.open(cfg.data.train, cfg.data.io_timeout_s))
+    a missing one. The driver runs it before anything reads an image (the recipe's sample).
+    Returns the opened training set, so its manifest is read once."""
+    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
+    check_shards(shards)
     if cfg.data.eval:
         check_shards(ShardSet.open(cfg.data.eval, cfg.data.io_timeout_s))
+    return shards
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, shards: ShardSet | None = None) -> None:
     """Check what depends on the data's size before any worker starts (after
-    :func:`check_sets`), so errors read plainly."""
-    shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
+    :func:`check_sets`; ``shards``: the training set it opened), so errors read plainly."""
+    if shards is None:
+        shards = ShardSet.open(cfg.data.train, cfg.data.io_timeout_s)
     n, m = shards.num_samples, cfg.method
     if m.clusters > n:
         raise DataError(
